@@ -1,0 +1,67 @@
+"""AGVM-AdamW: AdamW whose per-module learning rates follow the preconditioned gradient variance.
+
+Paper: "Large-batch Optimization for Dense Visual Predictions", Xue et al., NeurIPS 2022
+(arXiv 2210.11078), appendix Alg. 2 with Eq. 41-42.
+
+As AGVM-SGD, except that Phi is measured on the preconditioned half gradients: each element is
+divided by sqrt(v_t) + eps, where v_t = beta2 * v_{t-1} + (1 - beta2) * g_t^2 is the second moment
+after this step's update (g_t the full-batch mean gradient in ``p.grad``). The update is exactly
+torch.optim.AdamW's with lr = group lr * mu_i (weight decay included, as in Alg. 2).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from ._base import AGVMMixin
+
+
+class AGVMAdamW(AGVMMixin, torch.optim.AdamW):
+    """AdamW (torch.optim.AdamW semantics) with AGVM; see ``AGVMSGD`` for the AGVM arguments."""
+
+    def __init__(
+        self,
+        params,
+        lr: float = 2e-4,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.05,
+        amsgrad: bool = False,
+        *,
+        interval: int = 10,
+        alpha: float = 0.97,
+        mu_clip: Tuple[float, float] = (0.1, 10.0),
+        var_eps: float = 1e-8,
+        anchor: str = "backbone",
+        ratio_clip: Optional[Tuple[float, float]] = None,
+        start_iter: int = 0,
+        foreach: Optional[bool] = None,
+        maximize: bool = False,
+        fused: Optional[bool] = None,
+    ):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                         foreach=foreach, maximize=maximize, fused=fused)
+        self._agvm_init(interval, alpha, mu_clip, var_eps, anchor, ratio_clip, start_iter)
+
+    def _stat_weights(self) -> List[Optional[torch.Tensor]]:
+        """1 / (sqrt(v_t) + eps)^2 per parameter, v_t the second moment this step will hold.
+
+        Computed here from v_{t-1} (zero before the first step) and p.grad, the same arithmetic as
+        the base update, so the measurement sees the v_t of Alg. 2 without touching the state.
+        """
+        weights: List[Optional[torch.Tensor]] = []
+        for g in self.param_groups:
+            beta2, eps = g["betas"][1], g["eps"]
+            for p in g["params"]:
+                if p.grad is None:
+                    weights.append(None)
+                    continue
+                grad = -p.grad if g["maximize"] else p.grad
+                state = self.state.get(p, {})
+                v = state.get("exp_avg_sq")
+                v_t = grad.float().square().mul_(1 - beta2)
+                if v is not None:
+                    v_t.add_(v.float(), alpha=beta2)
+                weights.append(v_t.sqrt_().add_(eps).square_().reciprocal_())
+        return weights

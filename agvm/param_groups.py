@@ -1,0 +1,118 @@
+"""Param groups with a ``"module"`` key, built from a model's attribute names.
+
+``param_groups(model)`` assigns every trainable parameter to a module by the longest matching
+attribute-name prefix (mmdet's ``backbone``, ``neck``, ``rpn_head``, ``roi_head.bbox_head``, ...),
+optionally splits norms and biases into groups without weight decay, merges groups with equal
+options (so foreach kernels see few, large groups), and raises an error that names every trainable
+parameter no module covers: the authors' code silently left such parameters out of the optimizer.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+__all__ = ["DEFAULT_MODULES", "param_groups", "module_of"]
+
+# name -> attribute-name prefixes. Covers mmdet / mmseg detectors and segmentors.
+DEFAULT_MODULES: Dict[str, Sequence[str]] = {
+    "backbone": ("backbone",),
+    "neck": ("neck",),
+    "rpn_head": ("rpn_head",),
+    "roi_head": ("roi_head",),  # what of the roi_head is not a bbox or mask head (e.g. HTC's semantic head)
+    "bbox_head": ("bbox_head", "roi_head.bbox_head"),
+    "mask_head": ("mask_head", "roi_head.mask_head"),
+    "semantic_head": ("semantic_head", "roi_head.semantic_head"),
+    "panoptic_head": ("panoptic_head",),
+    "panoptic_fusion_head": ("panoptic_fusion_head",),
+    "decode_head": ("decode_head",),
+    "auxiliary_head": ("auxiliary_head",),
+    "head": ("head",),
+}
+
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm,
+          nn.LocalResponseNorm)
+
+
+def _strip_wrapper(name: str) -> str:
+    return name[len("module."):] if name.startswith("module.") else name
+
+
+def module_of(name: str, modules: Mapping[str, Sequence[str]]) -> Optional[str]:
+    """The module whose longest prefix matches parameter ``name`` (None if none does)."""
+    best, best_len = None, -1
+    for module, prefixes in modules.items():
+        for prefix in prefixes:
+            if (name == prefix or name.startswith(prefix + ".")) and len(prefix) > best_len:
+                best, best_len = module, len(prefix)
+    return best
+
+
+def param_groups(
+    model: nn.Module,
+    modules: Optional[Union[Mapping[str, Union[str, Sequence[str]]], Sequence[str]]] = None,
+    weight_decay: Optional[float] = None,
+    no_decay_norm_bias: bool = False,
+) -> List[dict]:
+    """Param groups for the AGVM optimizers.
+
+    Args:
+        model: the network (a DDP/DataParallel wrapper's ``module.`` prefix is ignored).
+        modules: which modules to form: a mapping ``{name: prefix or [prefixes]}`` or a list of
+            prefixes (each named by its last component, ``"roi_head.bbox_head"`` -> ``"bbox_head"``).
+            Default: ``DEFAULT_MODULES``; only modules that own a trainable parameter appear.
+        weight_decay: the groups' weight decay (None: the optimizer's default).
+        no_decay_norm_bias: put norm-layer parameters and biases into groups with weight decay 0.
+
+    Returns groups in module order, each ``{"params", "module"}`` (+ ``"weight_decay"``).
+
+    Raises:
+        ValueError: naming every trainable parameter no module covers.
+    """
+    if modules is None:
+        spec: Dict[str, Sequence[str]] = dict(DEFAULT_MODULES)
+    elif isinstance(modules, Mapping):
+        spec = {k: (v,) if isinstance(v, str) else tuple(v) for k, v in modules.items()}
+    else:
+        spec = {}
+        for prefix in modules:
+            spec.setdefault(prefix.split(".")[-1], ())
+            spec[prefix.split(".")[-1]] += (prefix,)
+
+    no_decay = set()
+    if no_decay_norm_bias:
+        for mod in model.modules():
+            for pname, p in mod.named_parameters(recurse=False):
+                if isinstance(mod, _NORMS) or pname == "bias" or p.ndim <= 1:
+                    no_decay.add(id(p))
+
+    buckets: Dict[tuple, List[torch.Tensor]] = {}
+    uncovered: List[str] = []
+    seen = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        module = module_of(_strip_wrapper(name), spec)
+        if module is None:
+            uncovered.append(name)
+            continue
+        buckets.setdefault((module, id(p) in no_decay), []).append(p)
+    if uncovered:
+        shown = ", ".join(uncovered[:50]) + (f", ... ({len(uncovered)} in all)" if len(uncovered) > 50 else "")
+        raise ValueError(
+            f"{len(uncovered)} trainable parameter(s) belong to no AGVM module and would not be optimized: "
+            f"{shown}. Add their prefix to `modules` (known modules: {sorted(spec)}) or freeze them "
+            "(requires_grad=False)."
+        )
+    order = list(spec)
+    groups = []
+    for (module, is_no_decay), params in sorted(buckets.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1])):
+        group = {"params": params, "module": module}
+        if is_no_decay:
+            group["weight_decay"] = 0.0
+        elif weight_decay is not None:
+            group["weight_decay"] = weight_decay
+        groups.append(group)
+    return groups

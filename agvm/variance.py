@@ -1,0 +1,206 @@
+"""Gradient-variance estimation and learning-rate modulation: the AGVM math, in one place.
+
+Every way of measuring (two half-batch gradients in one process, the DDP communication hook,
+AdamW's preconditioned halves) reduces to three numbers per module i:
+
+    dot_i = <G_a^(i), G_b^(i)>,   aa_i = ||G_a^(i)||^2,   bb_i = ||G_b^(i)||^2
+
+over the concatenation of all of module i's tensors (appendix A.1, Eq. 1-2). From them
+
+    Phi_i      = 1 - cos(G_a^(i), G_b^(i))                                   (Eq. 2, without eta^2)
+    mu~_i      = clip(sqrt((Phi_anchor + eps) / (Phi_i + eps)), low, high)   (Eq. 41 + A.6)
+    mu_i      <- alpha * mu_i + (1 - alpha) * mu~_i                          (Eq. 42)
+
+The learning rate eta_t is common to all modules, so it cancels in the ratio and is left out of Phi.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+logger = logging.getLogger("agvm")
+
+__all__ = ["module_stats", "phi_from_stats", "Modulator"]
+
+
+def module_stats(
+    ga: Sequence[Optional[torch.Tensor]],
+    gb: Sequence[Optional[torch.Tensor]],
+    module_ids: Sequence[int],
+    num_modules: int,
+    weights: Optional[Sequence[Optional[torch.Tensor]]] = None,
+) -> torch.Tensor:
+    """Per-module (dot, |a|^2, |b|^2) as a float64 CPU tensor of shape [num_modules, 3].
+
+    ``ga[k]``, ``gb[k]`` belong to module ``module_ids[k]``; ``None`` entries are zero gradients
+    (a parameter no sample of that half reached). With ``weights`` (AdamW's 1 / (sqrt(v_t) + eps)^2), the sums are
+    weighted element-wise: dot = sum(a * b * w), which equals the dot product of a / d and b / d.
+    Sums are accumulated in float32 on the tensors' device, one reduction per tensor, then moved once.
+    """
+    if not (len(ga) == len(gb) == len(module_ids)):
+        raise ValueError(
+            f"halves must hold one tensor per optimizer parameter: got {len(ga)} and {len(gb)} "
+            f"tensors for {len(module_ids)} parameters"
+        )
+    per_tensor: List[torch.Tensor] = []
+    owners: List[int] = []
+    for k, (a, b) in enumerate(zip(ga, gb)):
+        if a is None and b is None:
+            continue
+        if a is None or b is None:  # used by one half only: the other half's gradient is zero
+            a = torch.zeros_like(b) if a is None else a
+            b = torch.zeros_like(a) if b is None else b
+        if a.shape != b.shape:
+            raise ValueError(f"halves differ in shape at parameter {k}: {tuple(a.shape)} vs {tuple(b.shape)}")
+        a = a.detach().reshape(-1).float()
+        b = b.detach().reshape(-1).float()
+        if weights is not None:
+            w = weights[k].detach().reshape(-1).float()
+            aw = a * w
+            per_tensor.append(torch.stack([aw.dot(b), aw.dot(a), (b * w).dot(b)]))
+        else:
+            per_tensor.append(torch.stack([a.dot(b), a.dot(a), b.dot(b)]))
+        owners.append(module_ids[k])
+    stats = torch.zeros(num_modules, 3, dtype=torch.float64)
+    if per_tensor:
+        rows = torch.stack(per_tensor).to("cpu", torch.float64)
+        stats.index_add_(0, torch.tensor(owners, dtype=torch.long), rows)
+    return stats
+
+
+def phi_from_stats(stats: torch.Tensor) -> torch.Tensor:
+    """Phi = 1 - cos from [M, 3] (dot, aa, bb) rows; NaN where a module had no gradient (aa * bb == 0).
+
+    ``sqrt(aa * bb)`` rather than ``sqrt(aa) * sqrt(bb)``: for identical halves it is exactly ``aa``,
+    so Phi is exactly 0 and equal halves leave mu at 1.
+    """
+    stats = stats.to(torch.float64)
+    dot, aa, bb = stats.unbind(-1)
+    denom = (aa * bb).sqrt()
+    cos = (dot / denom).clamp(-1.0, 1.0)
+    return torch.where(denom > 0, 1.0 - cos, torch.full_like(cos, math.nan))
+
+
+class Modulator:
+    """Holds mu and Phi per module and applies Eq. 41-42.
+
+    Args:
+        modules: module names, in a fixed order (the row order of the stats tensors).
+        anchor: the module whose variance the others are moved toward (the backbone in the paper).
+        alpha: momentum of mu, in [0, 1).
+        mu_clip: (low, high) bounds of the instantaneous mu~ (appendix: [0.1, 10]).
+        var_eps: added to both variances of the ratio (appendix A.6).
+        ratio_clip: the authors' code variant: clip the variance ratio itself before the square root
+            (their runs use (0.5, 10)); None (default) follows the appendix.
+        start_iter: before this step, measurements record Phi but mu stays 1 (the authors start AGVM
+            after warm-up). 0 modulates from the first measurement.
+    """
+
+    def __init__(
+        self,
+        modules: Sequence[str],
+        anchor: str = "backbone",
+        alpha: float = 0.97,
+        mu_clip: Tuple[float, float] = (0.1, 10.0),
+        var_eps: float = 1e-8,
+        ratio_clip: Optional[Tuple[float, float]] = None,
+        start_iter: int = 0,
+    ):
+        self.modules = list(modules)
+        if len(set(self.modules)) != len(self.modules):
+            raise ValueError(f"module names must be unique, got {self.modules}")
+        if anchor not in self.modules:
+            raise ValueError(
+                f"anchor {anchor!r} names no module; the modules are {self.modules}. "
+                f"Pass anchor=<one of them> or give the anchor's param groups \"module\": {anchor!r}."
+            )
+        if not 0.0 <= alpha < 1.0:
+            raise ValueError(f"alpha must be in [0, 1), got {alpha}")
+        low, high = _check_range("mu_clip", mu_clip)
+        if ratio_clip is not None:
+            _check_range("ratio_clip", ratio_clip)
+        if var_eps < 0:
+            raise ValueError(f"var_eps must be >= 0, got {var_eps}")
+        if start_iter < 0:
+            raise ValueError(f"start_iter must be >= 0, got {start_iter}")
+        self.anchor = anchor
+        self.alpha = float(alpha)
+        self.mu_clip = (float(low), float(high))
+        self.var_eps = float(var_eps)
+        self.ratio_clip = None if ratio_clip is None else tuple(float(x) for x in ratio_clip)
+        self.start_iter = int(start_iter)
+        self.mu: Dict[str, float] = {m: 1.0 for m in self.modules}
+        self.phi: Dict[str, float] = {}
+        self.num_rejected = 0
+
+    def target(self, phi: Dict[str, float]) -> Dict[str, float]:
+        """mu~ per module for the variances ``phi`` (modules missing from ``phi`` are left out)."""
+        pa = phi[self.anchor] + self.var_eps
+        low, high = self.mu_clip
+        out = {}
+        for m, p in phi.items():
+            if m == self.anchor:
+                continue
+            ratio = pa / (p + self.var_eps) if p + self.var_eps > 0 else math.inf
+            if self.ratio_clip is not None:
+                ratio = min(max(ratio, self.ratio_clip[0]), self.ratio_clip[1])
+            out[m] = min(max(math.sqrt(ratio), low), high)
+        return out
+
+    def update(self, stats: torch.Tensor, t: int) -> bool:
+        """Apply one measurement ([M, 3] stats, rows in ``self.modules`` order) taken at step ``t``.
+
+        Returns False (and changes nothing) when the measurement is not finite or the anchor got no
+        gradient; modules that got no gradient keep their mu and Phi.
+        """
+        if stats.shape != (len(self.modules), 3):
+            raise ValueError(f"expected stats of shape {(len(self.modules), 3)}, got {tuple(stats.shape)}")
+        if not bool(torch.isfinite(stats).all()):
+            self._reject("the half-batch gradients contain NaN or Inf")
+            return False
+        values = phi_from_stats(stats).tolist()
+        phi = {m: v for m, v in zip(self.modules, values) if not math.isnan(v)}
+        if self.anchor not in phi:
+            self._reject(f"the anchor module {self.anchor!r} got no gradient")
+            return False
+        self.phi.update(phi)
+        if t < self.start_iter:
+            return True
+        a = self.alpha
+        for m, target in self.target(phi).items():
+            self.mu[m] = a * self.mu[m] + (1.0 - a) * target
+        return True
+
+    def _reject(self, why: str) -> None:
+        self.num_rejected += 1
+        if self.num_rejected == 1:
+            logger.warning("AGVM: measurement skipped, mu kept: %s (further skips are logged at debug level)", why)
+        else:
+            logger.debug("AGVM: measurement skipped (%d so far): %s", self.num_rejected, why)
+
+    def state_dict(self) -> dict:
+        return {"mu": dict(self.mu), "phi": dict(self.phi), "num_rejected": self.num_rejected}
+
+    def load_state_dict(self, state: dict) -> None:
+        unknown = set(state["mu"]) - set(self.modules)
+        if unknown:
+            raise ValueError(
+                f"the checkpoint has AGVM state for modules {sorted(unknown)} that this optimizer does not "
+                f"have (its modules: {self.modules}); build the param groups the same way as the saved run"
+            )
+        self.mu.update({m: float(v) for m, v in state["mu"].items()})
+        self.phi = {m: float(v) for m, v in state["phi"].items()}
+        self.num_rejected = int(state.get("num_rejected", 0))
+
+
+def _check_range(name: str, value: Iterable[float]) -> Tuple[float, float]:
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a pair (low, high), got {value!r}") from None
+    if not 0.0 < low <= high:
+        raise ValueError(f"{name} must satisfy 0 < low <= high, got low={low}, high={high}")
+    return low, high
