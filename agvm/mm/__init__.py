@@ -1,0 +1,1 @@
+"""OpenMMLab (mmengine / mmdet / mmseg) integration of AGVM. Imports mmengine only when used."""
