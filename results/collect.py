@@ -200,29 +200,28 @@ def ids_from_name(experiment: str, name: str) -> List[str]:
 def ids_from_experiments(experiments_dir: Path) -> Dict[Tuple[str, str], List[str]]:
     """(experiment, run) -> paper ids, from the experiment folders' run lists (issue 6's format), when readable.
 
-    Reads the launcher's own loader when it is importable; otherwise nothing (the run names are used)."""
+    Uses the launcher's loader (slurm.experiment.load_experiment) when importable; otherwise nothing (the run names
+    are used)."""
     out: Dict[Tuple[str, str], List[str]] = {}
     if not experiments_dir.is_dir():
         return out
     try:
-        from slurm import experiment as slurm_experiment  # type: ignore
-    except Exception:  # the launcher is optional for tables
-        return out
-    loader = getattr(slurm_experiment, "load_experiment", None) or getattr(slurm_experiment, "load", None)
-    if loader is None:
+        from slurm.experiment import load_experiment  # issue 6's loader: experiments/<name>/experiment.yaml
+    except Exception:  # the launcher is optional for tables: fall back to run names
         return out
     for folder in sorted(p for p in experiments_dir.iterdir() if p.is_dir()):
+        if not (folder / "experiment.yaml").is_file():
+            continue
         try:
-            exp = loader(folder)
+            exp = load_experiment(folder, check_configs=False)
         except Exception as err:  # an invalid folder must not stop the tables
             print(f"[tables] experiment {folder.name}: not read ({err})", file=sys.stderr)
             continue
-        for run in getattr(exp, "runs", []) or []:
-            paper = getattr(run, "paper", None) or getattr(run, "paper_id", None) or getattr(run, "paper_ids", None)
-            if not paper:
-                continue
-            ids = [paper] if isinstance(paper, str) else list(paper)
-            out[(folder.name, getattr(run, "name"))] = ids
+        runs = exp.runs.values() if isinstance(exp.runs, dict) else exp.runs
+        for run in runs:
+            paper = getattr(run, "paper", None)
+            if paper:
+                out[(folder.name, run.name)] = [paper] if isinstance(paper, str) else list(paper)
     return out
 
 

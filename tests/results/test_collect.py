@@ -128,3 +128,18 @@ def test_experiment_named_after_table_and_explicit_paper_id(tmp_path):
 def test_cli(tmp_path, capsys):
     assert C.main(["--work-dirs", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 0
     assert "0 of" in capsys.readouterr().out
+
+
+def test_paper_id_declared_by_experiment_folder(tmp_path):
+    pytest.importorskip("slurm.experiment")
+    exp = tmp_path / "repo" / "experiments" / "mine"
+    exp.mkdir(parents=True)
+    (exp / "experiment.yaml").write_text(yaml.safe_dump({"runs": [{
+        "name": "odd_name", "config": "configs/none.py", "batch_size": 512,
+        "paper": "table1/faster_rcnn/bs512/sgd"}]}))
+    wd = tmp_path / "wd"
+    _run(wd, "mine", "odd_name", {"coco/bbox_mAP": 0.35})
+    C.collect(wd, tmp_path / "out", experiments_dir=exp.parent)
+    t1 = {(r["id"], r["metric"]): r for r in _csv(tmp_path / "out" / "table1.csv")}
+    r = t1[("table1/faster_rcnn/bs512/sgd", "box_ap")]
+    assert r["runs"] == "mine/odd_name" and float(r["diff"]) == pytest.approx(-0.8)
