@@ -1,0 +1,249 @@
+"""Gradient-variance figures in the style of the AGVM appendix, Fig. 1-4, from the JSON-lines variance logs.
+
+A run's ``<work_dir>/agvm_variance.jsonl`` holds one JSON object per measurement (written by agvm.mm's
+logging hook)::
+
+    {"iter": int, "epoch": int, "phi": {module: float}, "mu": {module: float},
+     "lr": float, "batch_size": int, "optimizer": str}
+
+- ``phi`` figure (Fig. 1, 2, 4): one panel per run, Phi_t^(i) = 1 - cos(G_1^(i), G_2^(i)) per module i over the
+  training iterations (appendix Eq. 2 without the learning rate, as in the figures), log scale. Panels titled
+  "<name> (<batch size>)" like the appendix ("the number in the bracket is the batch size").
+- ``mu`` figure (Fig. 3 companion): the modulation mu_t^(i) = sqrt(Phi^(1) / Phi^(i)) after the momentum of
+  Eq. 42, per module, for runs trained with AGVM (the anchor, the backbone, stays at 1).
+
+CLI: ``python -m results.figures WORK_DIR [WORK_DIR ...] --out DIR [--name NAME] [--label LABEL ...]``
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+LOG_NAME = "agvm_variance.jsonl"
+REQUIRED = {"iter": int, "phi": dict}
+# Readable names for the module groups the logs use (agvm.param_groups' names and mmdet attribute names).
+MODULE_LABELS = {"backbone": "Backbone", "neck": "FPN", "fpn": "FPN", "rpn_head": "RPN", "rpn": "RPN",
+                 "roi_head": "Detection head", "bbox_head": "Detection head", "head": "Detection head",
+                 "mask_head": "Mask head", "semantic_head": "Semantic head", "panoptic_head": "Semantic head",
+                 "decode_head": "Decode head", "auxiliary_head": "Auxiliary head"}
+OPTIMIZER_LABELS = {"sgd": "SGD", "agvm_sgd": "AGVM-SGD", "adamw": "AdamW", "agvm_adamw": "AGVM-AdamW",
+                    "AGVMSGD": "AGVM-SGD", "AGVMAdamW": "AGVM-AdamW", "SGD": "SGD", "AdamW": "AdamW"}
+
+__all__ = ["VarianceLog", "load_variance_log", "plot_phi", "plot_mu", "main"]
+
+
+class VarianceLogError(ValueError):
+    """A variance log that cannot be read; the message names the file and line."""
+
+
+@dataclass
+class VarianceLog:
+    """One run's measurements, in iteration order."""
+
+    label: str
+    records: List[dict]
+
+    @property
+    def modules(self) -> List[str]:
+        seen: Dict[str, None] = {}
+        for r in self.records:
+            for m in r["phi"]:
+                seen.setdefault(m, None)
+        return list(seen)
+
+    @property
+    def batch_size(self) -> Optional[int]:
+        return next((r.get("batch_size") for r in self.records if r.get("batch_size")), None)
+
+    @property
+    def optimizer(self) -> Optional[str]:
+        return next((r.get("optimizer") for r in self.records if r.get("optimizer")), None)
+
+    def series(self, key: str, module: str, times_lr2: bool = False):
+        """(iterations, values) of ``phi`` or ``mu`` for one module, skipping missing and non-finite points."""
+        xs, ys = [], []
+        for r in self.records:
+            v = (r.get(key) or {}).get(module)
+            if v is None or not isinstance(v, (int, float)) or not math.isfinite(v):
+                continue
+            if times_lr2 and r.get("lr") is not None:
+                v = v * float(r["lr"]) ** 2
+            xs.append(r["iter"])
+            ys.append(float(v))
+        return xs, ys
+
+    @property
+    def has_mu(self) -> bool:
+        return any(r.get("mu") for r in self.records)
+
+
+def load_variance_log(path: str | Path, label: Optional[str] = None) -> VarianceLog:
+    """Read ``agvm_variance.jsonl`` (or a work dir holding one). A truncated last line (a run killed while
+    writing) is skipped with a warning; any other bad line is an error naming the file and line number."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / LOG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no variance log at {path}: runs write {LOG_NAME} into their work dir when "
+                                "trained with the AGVM logging hook (agvm.mm)")
+    lines = path.read_text().splitlines()
+    records: List[dict] = []
+    for k, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            if k == len(lines):
+                print(f"[figures] {path}:{k}: skipping a truncated last line", file=sys.stderr)
+                continue
+            raise VarianceLogError(f"{path}:{k}: not valid JSON ({err})") from None
+        if not isinstance(rec, dict):
+            raise VarianceLogError(f"{path}:{k}: expected a JSON object, got {type(rec).__name__}")
+        for key, typ in REQUIRED.items():
+            if not isinstance(rec.get(key), typ):
+                raise VarianceLogError(f"{path}:{k}: field {key!r} must be {typ.__name__}, got {rec.get(key)!r}; "
+                                       f"expected {{'iter', 'epoch', 'phi', 'mu', 'lr', 'batch_size', 'optimizer'}}")
+        records.append(rec)
+    if not records:
+        raise VarianceLogError(f"{path}: no measurements (empty log)")
+    records.sort(key=lambda r: r["iter"])
+    log = VarianceLog(label or "", records)
+    if not label:
+        log.label = default_label(log, path.parent.name)
+    return log
+
+
+def default_label(log: VarianceLog, fallback: str) -> str:
+    """'SGD (512)'-style label from the log's optimizer and batch size (the appendix's convention)."""
+    opt = log.optimizer
+    if opt is None:
+        return fallback
+    name = OPTIMIZER_LABELS.get(opt, opt)
+    return f"{name} ({log.batch_size})" if log.batch_size else name
+
+
+def _module_colors(logs: Sequence[VarianceLog]) -> Dict[str, tuple]:
+    mods: Dict[str, None] = {}
+    for log in logs:
+        for m in log.modules:
+            mods.setdefault(m, None)
+    cmap = plt.get_cmap("tab10")
+    return {m: cmap(i % 10) for i, m in enumerate(mods)}
+
+
+def _smooth(ys: List[float], window: int) -> List[float]:
+    if window <= 1 or len(ys) < 2:
+        return ys
+    out, acc = [], 0.0
+    for i, y in enumerate(ys):
+        acc += y
+        if i >= window:
+            acc -= ys[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def _grid(n: int):
+    cols = min(n, 4)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:n])
+
+
+def _plot(logs: Sequence[VarianceLog], key: str, out: Path, title: str, ylabel: str, log_y: bool,
+          smooth: int, times_lr2: bool = False) -> Path:
+    if not logs:
+        raise ValueError("no variance logs to plot")
+    colors = _module_colors(logs)
+    fig, axes = _grid(len(logs))
+    for ax, log in zip(axes, logs):
+        plotted = False
+        for m in log.modules:
+            xs, ys = log.series(key, m, times_lr2)
+            if log_y:
+                xs, ys = zip(*[(x, y) for x, y in zip(xs, ys) if y > 0]) if any(y > 0 for y in ys) else ((), ())
+                xs, ys = list(xs), list(ys)
+            if not xs:
+                continue
+            ax.plot(xs, _smooth(ys, smooth), label=MODULE_LABELS.get(m, m), color=colors[m], lw=1.4,
+                    marker="o" if len(xs) < 15 else None, ms=3)
+            plotted = True
+        ax.set_title(log.label, fontsize=11)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(ylabel)
+        if log_y and plotted:
+            ax.set_yscale("log")
+        ax.grid(True, alpha=0.3, which="both")
+        if plotted:
+            ax.legend(fontsize=8, loc="best")
+        else:
+            ax.text(0.5, 0.5, f"no {key} values", ha="center", va="center", transform=ax.transAxes)
+    fig.suptitle(title, fontsize=12)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(out)
+    return out
+
+
+def plot_phi(logs: Sequence[VarianceLog], out: str | Path, title: Optional[str] = None, smooth: int = 1,
+             times_lr2: bool = False) -> Path:
+    """Fig. 1/2/4 style: Phi per module over training, one panel per run (batch size / optimizer)."""
+    ylabel = "Φ = η²(1 − cos)" if times_lr2 else "Φ = 1 − cos(G₁, G₂)"
+    return _plot(logs, "phi", Path(out), title or "Gradient variance Φ per module (appendix Eq. 2)", ylabel,
+                 True, smooth, times_lr2)
+
+
+def plot_mu(logs: Sequence[VarianceLog], out: str | Path, title: Optional[str] = None, smooth: int = 1) -> Path:
+    """mu per module for runs trained with AGVM (runs without mu values are left out)."""
+    with_mu = [log for log in logs if log.has_mu]
+    if not with_mu:
+        raise ValueError("none of the logs has mu values: mu is logged only by runs trained with AGVM")
+    return _plot(with_mu, "mu", Path(out), title or "AGVM modulation μ per module (Eq. 41-42)",
+                 "μ = sqrt(Φ_backbone / Φ_i), EMA", False, smooth)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m results.figures", description=__doc__.split("\n")[0])
+    ap.add_argument("runs", nargs="+", help=f"work dirs holding {LOG_NAME} (or the log files)")
+    ap.add_argument("--out", default="results/figures", help="output folder (default: results/figures)")
+    ap.add_argument("--name", default="variance", help="file name prefix: <name>_phi.png, <name>_mu.png")
+    ap.add_argument("--label", action="append", help="panel title per run, in order (default: 'SGD (512)')")
+    ap.add_argument("--title", default=None)
+    ap.add_argument("--smooth", type=int, default=1, help="moving-average window over measurements")
+    ap.add_argument("--times-lr2", action="store_true", help="plot eta^2 (1 - cos) instead of (1 - cos)")
+    args = ap.parse_args(argv)
+    if args.label and len(args.label) != len(args.runs):
+        ap.error(f"--label given {len(args.label)} times for {len(args.runs)} runs")
+    try:
+        logs = [load_variance_log(r, args.label[i] if args.label else None) for i, r in enumerate(args.runs)]
+    except (FileNotFoundError, VarianceLogError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    written = [plot_phi(logs, out / f"{args.name}_phi.png", args.title, args.smooth, args.times_lr2)]
+    if any(log.has_mu for log in logs):
+        written.append(plot_mu(logs, out / f"{args.name}_mu.png", None, args.smooth))
+    for p in written:
+        print(f"[figures] wrote {p}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
