@@ -1,0 +1,240 @@
+"""The submitit job: one rank of one run (train -> on preemption checkpoint() -> requeue -> resume).
+
+``Trainer(spec)()`` runs on every task of the job. It builds the torch.distributed environment from
+submitit's ``JobEnvironment`` (RANK, WORLD_SIZE, LOCAL_RANK from the task ids, MASTER_ADDR = the first
+host of the SLURM node list, MASTER_PORT derived from the job id so every rank agrees), initialises the
+process group (NCCL on GPUs, gloo on CPU), checks that the total batch divides over the ranks, and calls
+the run's entry point, by default ``agvm.mm.train:train(config, work_dir, cfg_options, resume, launcher)``,
+which trains, checkpoints atomically and writes ``<work_dir>/metrics.json``.
+
+On a time-out or preemption SLURM sends USR2; submitit calls ``Trainer.checkpoint()``, which returns a
+``DelayedSubmission`` of the same run with ``resume=True``, and requeues the job. The requeued job's entry
+point resumes from the last *complete* checkpoint in the work dir (checkpoints are written to a temporary
+file and renamed, so a kill during a save leaves the previous one intact).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import json
+import os
+import re
+import socket
+import sys
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Tuple
+
+__all__ = ["RunSpec", "Trainer", "DistInfo", "setup_distributed", "resolve_entry_point", "final_checkpoint",
+           "write_json_atomic", "METRICS_FILE"]
+
+METRICS_FILE = "metrics.json"
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to ``path`` through a temporary file and ``os.replace`` (never a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything a job needs, resolved at submission time (absolute paths, picklable)."""
+
+    experiment: str
+    run: str
+    entry_point: str
+    config: str
+    work_dir: str
+    cfg_options: Dict[str, Any] = field(default_factory=dict)
+    batch_size: Optional[int] = None
+    batch_key: Optional[str] = "train_dataloader.batch_size"
+    seed: int = 0
+    seed_key: Optional[str] = "randomness.seed"
+    init_from: Optional[Tuple[str, str]] = None  # (work dir of the previous stage, cfg key)
+    resume: bool = True
+    gpus_per_node: int = 0
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: Optional[str]  # None: a single process, no process group
+    master_addr: str
+    master_port: int
+
+
+def _job_env():
+    import submitit
+
+    try:
+        return submitit.JobEnvironment()
+    except RuntimeError:  # not inside a submitit job (a direct call): one process
+        return None
+
+
+def master_port(job_id: str) -> int:
+    """A port every rank of a job derives alike from the job id (20000-59999), unless MASTER_PORT is set."""
+    if os.environ.get("MASTER_PORT"):
+        return int(os.environ["MASTER_PORT"])
+    return 20000 + zlib.crc32(str(job_id).encode()) % 40000
+
+
+def setup_distributed(gpus_per_node: int = 0) -> DistInfo:
+    """Export the torch.distributed env:// variables from submitit's JobEnvironment and initialise the
+    process group when there is more than one rank (NCCL when this job has GPUs, gloo otherwise)."""
+    import torch
+    import torch.distributed as dist
+
+    env = _job_env()
+    if env is None:
+        rank, world, local, nodes, hosts, job_id = 0, 1, 0, 1, [socket.gethostname()], str(os.getpid())
+    else:
+        rank, world, local = env.global_rank, env.num_tasks, env.local_rank
+        nodes, hosts, job_id = env.num_nodes, list(env.hostnames), env.job_id
+    addr = hosts[0] if nodes > 1 else "127.0.0.1"
+    port = master_port(job_id)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local),
+                      LOCAL_WORLD_SIZE=str(max(1, world // max(nodes, 1))), MASTER_ADDR=addr, MASTER_PORT=str(port))
+    backend = None
+    if world > 1:
+        use_cuda = gpus_per_node > 0 and torch.cuda.is_available()
+        backend = "nccl" if use_cuda else "gloo"
+        if use_cuda:
+            torch.cuda.set_device(local % torch.cuda.device_count())
+        if not dist.is_initialized():
+            dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world)
+    return DistInfo(rank, world, local, backend, addr, port)
+
+
+def resolve_entry_point(path: str) -> Callable[..., Any]:
+    """``'package.module:function'`` or ``'path/to/file.py:function'`` -> the function."""
+    if ":" not in path:
+        raise ValueError(f"entry point {path!r} must look like 'package.module:function' or 'file.py:function'")
+    module_name, func_name = path.rsplit(":", 1)
+    if module_name.endswith(".py"):
+        file = Path(module_name)
+        if not file.is_file():
+            raise FileNotFoundError(f"entry point file {file} does not exist")
+        spec = importlib.util.spec_from_file_location(f"_agvm_entry_{file.stem}", file)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise ImportError(f"cannot import the entry point module {module_name!r} ({err}); is the repository "
+                              "root on PYTHONPATH and the environment set up (make setup)?") from err
+    obj: Any = module
+    for part in func_name.split("."):
+        if not hasattr(obj, part):
+            raise AttributeError(f"entry point {path!r}: {module_name} has no attribute {func_name!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TypeError(f"entry point {path!r} is not callable")
+    return obj
+
+
+_CKPT_NUM = re.compile(r"(\d+)")
+
+
+def final_checkpoint(work_dir: str | Path) -> Path:
+    """The final checkpoint of a finished run: ``metrics.json['checkpoint']``, else mmengine's
+    ``last_checkpoint`` pointer, else the ``*.pth`` with the highest epoch/iteration number."""
+    work_dir = Path(work_dir)
+    metrics = work_dir / METRICS_FILE
+    if metrics.is_file():
+        ckpt = json.loads(metrics.read_text()).get("checkpoint")
+        if ckpt and (work_dir / ckpt).is_file():
+            return work_dir / ckpt
+    pointer = work_dir / "last_checkpoint"
+    if pointer.is_file():
+        p = Path(pointer.read_text().strip())
+        p = p if p.is_absolute() else work_dir / p
+        if p.is_file():
+            return p
+    ckpts = sorted(work_dir.glob("*.pth"), key=lambda p: [int(x) for x in _CKPT_NUM.findall(p.name)] or [-1])
+    if ckpts:
+        return ckpts[-1]
+    raise FileNotFoundError(f"no checkpoint in {work_dir}: the previous stage has not finished (no metrics.json "
+                            "with 'checkpoint', no last_checkpoint, no *.pth); run it first")
+
+
+class Trainer:
+    """A checkpointable submitit callable for one run (MAE / DeiT style: ``__call__`` + ``checkpoint``)."""
+
+    def __init__(self, spec: RunSpec) -> None:
+        self.spec = spec
+
+    def __repr__(self) -> str:
+        return f"Trainer({self.spec.experiment}/{self.spec.run}, resume={self.spec.resume})"
+
+    def cfg_options(self, world_size: int) -> Dict[str, Any]:
+        """The run's cfg options plus the per-rank batch, the seed and the previous stage's checkpoint."""
+        s = self.spec
+        opts = dict(s.cfg_options)
+        if s.batch_size is not None:
+            if s.batch_size % world_size:
+                raise ValueError(f"run {s.run}: total batch {s.batch_size} does not divide over {world_size} ranks; "
+                                 "fix the experiment's resources (nodes x tasks_per_node)")
+            if s.batch_key:
+                opts[s.batch_key] = s.batch_size // world_size
+        if s.seed_key:
+            opts[s.seed_key] = s.seed
+        if s.init_from is not None:
+            dep_dir, key = s.init_from
+            opts[key] = str(final_checkpoint(dep_dir))
+        return opts
+
+    def __call__(self) -> Dict[str, Any]:
+        s = self.spec
+        try:  # the environment shim (torchvision ops on CPU torch, checkpoint allow-lists) before any mm import
+            import agvm._compat as compat
+
+            compat.apply()
+        except ImportError:
+            pass
+        info = setup_distributed(s.gpus_per_node)
+        work_dir = Path(s.work_dir)
+        try:
+            opts = self.cfg_options(info.world_size)
+            if info.rank == 0:
+                work_dir.mkdir(parents=True, exist_ok=True)
+                env = _job_env()
+                with open(work_dir / "attempts.jsonl", "a") as f:
+                    f.write(json.dumps({"time": time.time(), "job_id": env.job_id if env else None,
+                                        "host": socket.gethostname(), "world_size": info.world_size,
+                                        "backend": info.backend, "resume": s.resume,
+                                        "per_rank_batch": opts.get(s.batch_key) if s.batch_key else None}) + "\n")
+            print(f"[slurm.trainer] {s.experiment}/{s.run}: rank {info.rank}/{info.world_size} "
+                  f"backend={info.backend} master={info.master_addr}:{info.master_port} resume={s.resume}",
+                  flush=True)
+            fn = resolve_entry_point(s.entry_point)
+            result = fn(s.config, str(work_dir), cfg_options=opts, resume=s.resume,
+                        launcher="pytorch" if info.world_size > 1 else "none")
+            if info.rank == 0 and not (work_dir / METRICS_FILE).is_file():
+                raise RuntimeError(f"entry point {s.entry_point} returned without writing {work_dir / METRICS_FILE}")
+            return result
+        finally:
+            if info.backend is not None:
+                import torch.distributed as dist
+
+                if dist.is_initialized():
+                    dist.destroy_process_group()
+
+    def checkpoint(self, *args: Any, **kwargs: Any):
+        """Called by submitit on preemption / time-out: requeue this run, resuming from its last checkpoint."""
+        import submitit
+
+        print(f"[slurm.trainer] {self.spec.experiment}/{self.spec.run}: preempted or timed out, requeueing "
+              "with resume=True", file=sys.stderr, flush=True)
+        return submitit.helpers.DelayedSubmission(type(self)(dataclasses.replace(self.spec, resume=True)))
