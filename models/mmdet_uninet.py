@@ -35,8 +35,9 @@ class MMDetUniNet(UniNet, BaseModule):
     Args (besides :class:`UniNet`'s ``widths`` / ``depths`` / ``expansions`` / ``conv_block``):
         arch: 'g' | 'b0' | 'tiny' | a dict of :class:`UniNetArch` fields.
         out_indices: stages to return (strides 2, 4, 8, 16, 16, 32 for stages 0..5).
-        window_sizes: per transformer stage (A.5.2: 28 and 14); None = global attention only.
-        num_subsets: even split of the transformer blocks; each subset = windows + one global block (18).
+        window_sizes: per transformer stage (A.5.2 for UniNet-G: (28, 14)); None = global attention only.
+        num_subsets: even split of the transformer blocks; each subset = window blocks + one global block
+            (A.5.2 for UniNet-G: 18). None with window_sizes = every block uses windows.
         with_cp: activation checkpointing per block.
         drop_path_rate: stochastic depth.
         frozen_stages: freeze the stem and stages ``0..frozen_stages`` (-1: nothing frozen).
@@ -48,8 +49,8 @@ class MMDetUniNet(UniNet, BaseModule):
         self,
         arch: Union[str, dict, UniNetArch] = "g",
         out_indices: Sequence[int] = (2, 4, 5),
-        window_sizes: Optional[Sequence[Optional[int]]] = (28, 14),
-        num_subsets: Optional[int] = 18,
+        window_sizes: Optional[Sequence[Optional[int]]] = None,
+        num_subsets: Optional[int] = None,
         with_cp: bool = False,
         drop_path_rate: float = 0.0,
         frozen_stages: int = -1,

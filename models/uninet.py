@@ -264,32 +264,32 @@ def _conv_block(kind: str, cin: int, cout: int, expansion: float, stride: int, d
 
 
 class UniNetStage(nn.Module):
-    """A down-sampling module (or none) followed by the stage's blocks. NCHW in, NCHW out."""
+    """A down-sampling module (or none) followed by the stage's blocks. NCHW in, NCHW out.
+
+    Transformer stages work on (B, H, W, C) tokens internally; the local-global down-sampling module
+    already returns that layout.
+    """
 
     def __init__(self, kind: str, downsample: Optional[nn.Module], blocks: Sequence[nn.Module]) -> None:
         super().__init__()
         self.kind = kind
         self.downsample = downsample if downsample is not None else nn.Identity()
+        self._down_is_nhwc = isinstance(downsample, LocalGlobalDownsample)
         self.blocks = nn.ModuleList(blocks)
         self.grad_checkpointing = False
 
     def _run(self, m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and torch.is_grad_enabled() and x.requires_grad or (
-                self.grad_checkpointing and torch.is_grad_enabled() and any(p.requires_grad for p in m.parameters())):
+        if self.grad_checkpointing and torch.is_grad_enabled() and not isinstance(m, nn.Identity):
             return torch.utils.checkpoint.checkpoint(m, x, use_reentrant=False)
         return m(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._run(self.downsample, x)
-        if self.kind == "attn":
-            if x.dim() == 4 and x.shape[-1] != self.blocks[0].norm1.normalized_shape[0]:
-                x = x.permute(0, 2, 3, 1)  # no down-sampling module: NCHW -> NHWC
-            for blk in self.blocks:
-                x = self._run(blk, x)
-            return x.permute(0, 3, 1, 2)
+        if self.kind == "attn" and not self._down_is_nhwc:
+            x = x.permute(0, 2, 3, 1)
         for blk in self.blocks:
             x = self._run(blk, x)
-        return x
+        return x.permute(0, 3, 1, 2) if self.kind == "attn" else x
 
 
 class UniNet(nn.Module):
@@ -481,9 +481,9 @@ class UniNet(nn.Module):
     def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, Sequence[int]]] = None,
                               norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
                               intermediates_only: bool = False):
-        """timm's feature-extraction interface (used by ``features_only=True``)."""
+        """timm's feature-extraction interface (used by ``features_only=True``): stage outputs, NCHW."""
         if output_fmt != "NCHW":
-            raise ValueError("UniNet intermediates are NCHW only")
+            raise ValueError(f"UniNet intermediates are NCHW only, got output_fmt={output_fmt!r}")
         n = len(self.stages)
         if indices is None:
             idx = list(range(n))
@@ -491,15 +491,16 @@ class UniNet(nn.Module):
             idx = list(range(n - indices, n))
         else:
             idx = [i % n for i in indices]
-        feats = self.forward_features_list(x, idx) if (intermediates_only or stop_early) else None
-        if intermediates_only:
-            return feats
-        feats = []
+        feats: List[torch.Tensor] = []
         x = self.stem(x)
         for i, stage in enumerate(self.stages):
             x = stage(x)
             if i in idx:
                 feats.append(x)
+            if (intermediates_only or stop_early) and i == max(idx):
+                break
+        if intermediates_only:
+            return feats
         return self.forward_head_features(x), feats
 
     def prune_intermediate_layers(self, indices: Union[int, Sequence[int]] = 1, prune_norm: bool = False,
