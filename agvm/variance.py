@@ -23,7 +23,7 @@ import torch
 
 logger = logging.getLogger("agvm")
 
-__all__ = ["module_stats", "phi_from_stats", "Modulator"]
+__all__ = ["module_stats", "adam_denominator", "phi_from_stats", "Modulator"]
 
 
 def module_stats(
@@ -31,21 +31,22 @@ def module_stats(
     gb: Sequence[Optional[torch.Tensor]],
     module_ids: Sequence[int],
     num_modules: int,
-    weights: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    denom: Optional[Sequence[Optional[torch.Tensor]]] = None,
 ) -> torch.Tensor:
     """Per-module (dot, |a|^2, |b|^2) as a float64 CPU tensor of shape [num_modules, 3].
 
     ``ga[k]``, ``gb[k]`` belong to module ``module_ids[k]``; ``None`` entries are zero gradients
-    (a parameter no sample of that half reached). With ``weights`` (AdamW's 1 / (sqrt(v_t) + eps)^2), the sums are
-    weighted element-wise: dot = sum(a * b * w), which equals the dot product of a / d and b / d.
-    Sums are accumulated in float32 on the tensors' device, one reduction per tensor, then moved once.
+    (a parameter no sample of that half reached). With ``denom`` (AdamW's sqrt(v_t) + eps, see
+    ``adam_denominator``) both halves are divided by it element-wise first. Sums are float32
+    reductions on the tensors' device, one per tensor and quantity, moved to the CPU once.
     """
     if not (len(ga) == len(gb) == len(module_ids)):
         raise ValueError(
             f"halves must hold one tensor per optimizer parameter: got {len(ga)} and {len(gb)} "
             f"tensors for {len(module_ids)} parameters"
         )
-    per_tensor: List[torch.Tensor] = []
+    aa_list: List[torch.Tensor] = []
+    bb_list: List[torch.Tensor] = []
     owners: List[int] = []
     for k, (a, b) in enumerate(zip(ga, gb)):
         if a is None and b is None:
@@ -55,20 +56,35 @@ def module_stats(
             b = torch.zeros_like(a) if b is None else b
         if a.shape != b.shape:
             raise ValueError(f"halves differ in shape at parameter {k}: {tuple(a.shape)} vs {tuple(b.shape)}")
-        a = a.detach().reshape(-1).float()
-        b = b.detach().reshape(-1).float()
-        if weights is not None:
-            w = weights[k].detach().reshape(-1).float()
-            aw = a * w
-            per_tensor.append(torch.stack([aw.dot(b), aw.dot(a), (b * w).dot(b)]))
-        else:
-            per_tensor.append(torch.stack([a.dot(b), a.dot(a), b.dot(b)]))
+        aa_list.append(a.detach().reshape(-1).float())
+        bb_list.append(b.detach().reshape(-1).float())
         owners.append(module_ids[k])
     stats = torch.zeros(num_modules, 3, dtype=torch.float64)
-    if per_tensor:
-        rows = torch.stack(per_tensor).to("cpu", torch.float64)
-        stats.index_add_(0, torch.tensor(owners, dtype=torch.long), rows)
+    if not owners:
+        return stats
+    if denom is not None:
+        d = [denom[k].detach().reshape(-1).float() for k, (a, b) in enumerate(zip(ga, gb))
+             if a is not None or b is not None]
+        aa_list = torch._foreach_div(aa_list, d)
+        bb_list = torch._foreach_div(bb_list, d)
+    rows = torch.stack([torch.stack([a.dot(b), a.dot(a), b.dot(b)]) for a, b in zip(aa_list, bb_list)])
+    stats.index_add_(0, torch.tensor(owners, dtype=torch.long), rows.to("cpu", torch.float64))
     return stats
+
+
+def adam_denominator(
+    grads: Sequence[torch.Tensor], exp_avg_sqs: Sequence[Optional[torch.Tensor]], beta2: float, eps: float
+) -> List[torch.Tensor]:
+    """sqrt(v_t) + eps with v_t = beta2 * v_{t-1} + (1 - beta2) * g_t^2 (v_{t-1} = 0 when None): the
+    preconditioner of Alg. 2, for the second moment *after* this step's update. float32, new tensors."""
+    out = torch._foreach_mul([g.float() for g in grads], [g.float() for g in grads])
+    torch._foreach_mul_(out, 1.0 - beta2)
+    prev = [(i, v) for i, v in enumerate(exp_avg_sqs) if v is not None]
+    if prev:
+        torch._foreach_add_([out[i] for i, _ in prev], [v.float() for _, v in prev], alpha=beta2)
+    torch._foreach_sqrt_(out)
+    torch._foreach_add_(out, eps)
+    return out
 
 
 def phi_from_stats(stats: torch.Tensor) -> torch.Tensor:

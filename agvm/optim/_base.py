@@ -113,10 +113,10 @@ class AGVMMixin:
                 "agvm.backward_two_halves), or register the DDP hook with agvm.distributed.register_hook."
             )
         ga, gb = halves
-        return module_stats(ga, gb, self.module_ids(), len(self.modulator.modules), self._stat_weights())
+        return module_stats(ga, gb, self.module_ids(), len(self.modulator.modules), self._stat_denominators())
 
-    def _stat_weights(self) -> Optional[List[Optional[torch.Tensor]]]:
-        """Element-wise weights of the stats (AdamW's preconditioner); None for plain gradients."""
+    def _stat_denominators(self) -> Optional[List[Optional[torch.Tensor]]]:
+        """Element-wise divisors of the halves before the stats (AdamW's preconditioner); None for SGD."""
         return None
 
     @contextmanager

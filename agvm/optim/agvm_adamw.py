@@ -14,6 +14,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from ..variance import adam_denominator
 from ._base import AGVMMixin
 
 
@@ -44,24 +45,16 @@ class AGVMAdamW(AGVMMixin, torch.optim.AdamW):
                          foreach=foreach, maximize=maximize, fused=fused)
         self._agvm_init(interval, alpha, mu_clip, var_eps, anchor, ratio_clip, start_iter)
 
-    def _stat_weights(self) -> List[Optional[torch.Tensor]]:
-        """1 / (sqrt(v_t) + eps)^2 per parameter, v_t the second moment this step will hold.
+    def _stat_denominators(self) -> List[Optional[torch.Tensor]]:
+        """sqrt(v_t) + eps per parameter, v_t the second moment this step's update will hold.
 
-        Computed here from v_{t-1} (zero before the first step) and p.grad, the same arithmetic as
-        the base update, so the measurement sees the v_t of Alg. 2 without touching the state.
+        Computed from v_{t-1} (zero before the first step) and p.grad without touching the state, so
+        the measurement sees the v_t of Alg. 2 and the update stays torch's own.
         """
-        weights: List[Optional[torch.Tensor]] = []
+        out: List[Optional[torch.Tensor]] = []
         for g in self.param_groups:
-            beta2, eps = g["betas"][1], g["eps"]
-            for p in g["params"]:
-                if p.grad is None:
-                    weights.append(None)
-                    continue
-                grad = -p.grad if g["maximize"] else p.grad
-                state = self.state.get(p, {})
-                v = state.get("exp_avg_sq")
-                v_t = grad.float().square().mul_(1 - beta2)
-                if v is not None:
-                    v_t.add_(v.float(), alpha=beta2)
-                weights.append(v_t.sqrt_().add_(eps).square_().reciprocal_())
-        return weights
+            params = [p for p in g["params"] if p.grad is not None]
+            dens = iter(adam_denominator([p.grad for p in params], [self.state.get(p, {}).get("exp_avg_sq") for p in params],
+                                         g["betas"][1], g["eps"]) if params else [])
+            out += [None if p.grad is None else next(dens) for p in g["params"]]
+        return out
