@@ -16,13 +16,17 @@ Schema (every key but ``runs`` optional; ``defaults`` apply to every run and are
       metric: box_ap                           # paper metric compared with (box_ap, mask_ap, pq, miou)
     runs:
       - name: "{pipeline}_bs{batch}_{optimizer}"
-        matrix: {pipeline: [faster_rcnn], batch: [32, 512], optimizer: [sgd, agvm_sgd]}
+        matrix:                                # the product of the lists; a mapping entry sets several keys
+          pipeline: [faster_rcnn]
+          batch: [{batch: 32, time: "12:00:00"}, {batch: 512, time: "2:00:00"}]
+          optimizer: [sgd, agvm_sgd]
         config: "configs/{pipeline}/{pipeline}_r50_bs{batch}_{optimizer}.py"
         batch_size: "{batch}"                  # the total batch, split over the ranks
         paper: "table1/{pipeline}/bs{batch}/{optimizer}"
         cfg_options: {"train_cfg.max_epochs": 12}
         depends_on: [other_run]                # afterok on SLURM; run in order locally
         init_from: {run: other_run, key: load_from}   # the previous stage's final checkpoint -> cfg key
+                                               # (file: NAME takes that file of its work dir instead)
 
 Resources: ``nodes`` (or ``images_per_gpu``, from which nodes = batch / (images_per_gpu x tasks_per_node)),
 ``gpus_per_node`` (0 = CPU), ``tasks_per_node`` (default: one per GPU, 1 on CPU), ``cpus_per_task``,
@@ -32,6 +36,7 @@ Resources: ``nodes`` (or ``images_per_gpu``, from which nodes = batch / (images_
 from __future__ import annotations
 
 import copy
+import math
 import itertools
 import re
 import string
@@ -83,10 +88,12 @@ class Resources:
 
 @dataclass(frozen=True)
 class InitFrom:
-    """Initialise a stage from the final checkpoint of ``run``, passed as cfg option ``key``."""
+    """Initialise a stage from the final checkpoint of ``run`` (or from ``file`` in its work dir, e.g. an
+    exported backbone), passed as cfg option ``key``."""
 
     run: str
     key: str = "load_from"
+    file: Optional[str] = None
 
 
 @dataclass
@@ -163,7 +170,7 @@ def parse_time(value: Any, where: str = "time") -> int:
             minutes = (d or 0) * 1440 + a * 60 + b + c / 60
     if minutes <= 0:
         raise ExperimentError(f"{where}: must be positive, got {value!r}")
-    return max(1, int(round(minutes)))
+    return max(1, math.ceil(minutes))  # never shorten a time limit
 
 
 def _deep_merge(base: Dict[str, Any], over: Mapping[str, Any]) -> Dict[str, Any]:
@@ -251,7 +258,14 @@ def _expand(entry: Mapping[str, Any], defaults: Mapping[str, Any], where: str) -
     keys = list(matrix)
     out = []
     for combo in itertools.product(*(matrix[k] for k in keys)):
-        values = dict(zip(keys, combo))
+        values: Dict[str, Any] = {}
+        for k, v in zip(keys, combo):  # a mapping value sets several template keys at once (zipped values)
+            if isinstance(v, Mapping):
+                if k not in v:
+                    raise ExperimentError(f"{where}.matrix.{k}: a mapping entry must set {k!r} itself, got {dict(v)}")
+                values.update(v)
+            else:
+                values[k] = v
         out.append(_format(merged, values, where))
     return out
 
@@ -319,9 +333,11 @@ def load_experiment(folder: str | Path, root: Optional[str | Path] = None, check
             if init is not None:
                 if isinstance(init, str):
                     init = {"run": init}
-                if not isinstance(init, dict) or "run" not in init or set(init) - {"run", "key"}:
-                    raise ExperimentError(f"{where}.init_from: expected {{run: NAME, key: CFG_KEY}}, got {init!r}")
-                init = InitFrom(run=str(init["run"]), key=str(init.get("key", "load_from")))
+                if not isinstance(init, dict) or "run" not in init or set(init) - {"run", "key", "file"}:
+                    raise ExperimentError(f"{where}.init_from: expected {{run: NAME, key: CFG_KEY, file: NAME}}, "
+                                          f"got {init!r}")
+                init = InitFrom(run=str(init["run"]), key=str(init.get("key", "load_from")),
+                                file=None if init.get("file") is None else str(init["file"]))
             deps = spec.get("depends_on") or []
             deps = [deps] if isinstance(deps, str) else list(deps)
             if init is not None and init.run not in deps:

@@ -44,7 +44,7 @@ def select_runs(exp: Experiment, only: Optional[Sequence[str]]) -> List[Run]:
 def make_spec(exp: Experiment, run: Run, work_dirs: Path) -> RunSpec:
     init = None
     if run.init_from is not None:
-        init = (str(run_dir(work_dirs, exp.name, run.init_from.run)), run.init_from.key)
+        init = (str(run_dir(work_dirs, exp.name, run.init_from.run)), run.init_from.key, run.init_from.file)
     entry = run.entry_point
     if entry.rsplit(":", 1)[0].endswith(".py"):  # a file entry point: absolute, so jobs find it from any cwd
         file, func = entry.rsplit(":", 1)
@@ -238,9 +238,9 @@ def _run_here(submitit, exp: Experiment, run: Run, spec: RunSpec, cluster: str, 
             from unittest import mock
 
             with mock.patch.object(pdb, "post_mortem", lambda *a, **k: None):
-                job.result()
+                job.results()
         else:
-            job.result()
+            job.results()  # every task (rank) of the job
     except Exception as err:  # noqa: BLE001 - report and go on with independent runs
         msg = str(err).strip().splitlines()
         log(f"{run.name}: FAILED after {time.time() - t0:.1f} s: {msg[-1] if msg else type(err).__name__}")

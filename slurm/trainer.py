@@ -57,7 +57,7 @@ class RunSpec:
     batch_key: Optional[str] = "train_dataloader.batch_size"
     seed: int = 0
     seed_key: Optional[str] = "randomness.seed"
-    init_from: Optional[Tuple[str, str]] = None  # (work dir of the previous stage, cfg key)
+    init_from: Optional[Tuple[str, str, Optional[str]]] = None  # (previous stage's work dir, cfg key, file or None)
     resume: bool = True
     gpus_per_node: int = 0
 
@@ -191,8 +191,15 @@ class Trainer:
         if s.seed_key:
             opts[s.seed_key] = s.seed
         if s.init_from is not None:
-            dep_dir, key = s.init_from
-            opts[key] = str(final_checkpoint(dep_dir))
+            dep_dir, key, file = s.init_from
+            if file is None:
+                opts[key] = str(final_checkpoint(dep_dir))
+            else:
+                path = Path(dep_dir) / file
+                if not path.is_file():
+                    raise FileNotFoundError(f"run {s.run} starts from {path}, which the previous stage has not "
+                                            "written: did it finish?")
+                opts[key] = str(path)
         return opts
 
     def __call__(self) -> Dict[str, Any]:

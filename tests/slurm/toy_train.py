@@ -8,7 +8,9 @@ end. With ``launcher="pytorch"`` it wraps the model in DDP and registers ``agvm.
 
 The config is a Python file of plain assignments (``iters = 12``); cfg options override them, with
 mmengine's dotted names for the batch (``train_dataloader.batch_size``) and seed (``randomness.seed``).
-For the preemption test: ``pause_at`` + ``pause_file`` make the first attempt write its pid to the file at
+``load_from`` initialises the model from another run's checkpoint (stage chains); ``emulate_ranks=k``
+makes one process see the data of k ranks (rank r = the r-th k-th of the batch, the halves of AGVM
+with k = 2), to compare with a distributed run. For the preemption test: ``pause_at`` + ``pause_file`` make the first attempt write its pid to the file at
 that iteration and wait there to be signalled.
 """
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch import nn
 import agvm
 
 DEFAULTS = dict(iters=12, ckpt_interval=4, lr=0.05, interval=2, dim=8, per_rank_batch=4, seed=0, sleep=0.0,
-                pause_at=None, pause_file=None, fail=False)
+                pause_at=None, pause_file=None, fail=False, load_from=None, emulate_ranks=1)
 
 
 class ToyNet(nn.Module):
@@ -97,10 +99,17 @@ def train(config: str, work_dir: str, cfg_options: Optional[Dict[str, Any]] = No
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start = int(state["iter"])
+    elif cfg["load_from"]:  # a stage initialised from the previous stage's final checkpoint
+        model.load_state_dict(torch.load(cfg["load_from"], weights_only=True)["model"])
     loss_fn = nn.MSELoss()
     loss = torch.tensor(float("nan"))
     for it in range(start + 1, cfg["iters"] + 1):
-        x, y = batch(cfg, it, rank, cfg["per_rank_batch"])
+        if distributed or cfg["emulate_ranks"] == 1:
+            x, y = batch(cfg, it, rank, cfg["per_rank_batch"])
+        else:  # one process standing in for k ranks: rank r's data is the r-th k-th of the batch
+            k = cfg["emulate_ranks"]
+            parts = [batch(cfg, it, r, cfg["per_rank_batch"] // k) for r in range(k)]
+            x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         if distributed:
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(net(x), y)
@@ -124,7 +133,8 @@ def train(config: str, work_dir: str, cfg_options: Optional[Dict[str, Any]] = No
             time.sleep(120)  # the test signals this process (SIGUSR2, as SLURM does before a time-out)
             raise RuntimeError("toy_train: pause_at was never interrupted")
     metrics = {"loss": float(loss), "iters": cfg["iters"], "world_size": world, "checkpoint": f"iter_{cfg['iters']}.pth",
-               "mu": opt.modulation, "per_rank_batch": cfg["per_rank_batch"], "resumed_from": start}
+               "mu": opt.modulation, "per_rank_batch": cfg["per_rank_batch"], "resumed_from": start,
+               "loaded_from": None if start else cfg["load_from"]}
     if rank == 0:
         _write_text(work / "metrics.json", json.dumps(metrics))
     return metrics
