@@ -26,12 +26,16 @@ Schema (every key but ``runs`` optional; ``defaults`` apply to every run and are
         cfg_options: {"train_cfg.max_epochs": 12}
         depends_on: [other_run]                # afterok on SLURM; run in order locally
         init_from: {run: other_run, key: load_from}   # the previous stage's final checkpoint -> cfg key
-                                               # (file: NAME takes that file of its work dir instead)
+                                               # (file: NAME takes that file of its work dir instead;
+                                               #  handover: o365-to-coco converts it with models.handover)
 
 Resources: ``nodes`` (or ``images_per_gpu``, from which nodes = batch / (images_per_gpu x tasks_per_node)),
 ``gpus_per_node`` (0 = CPU), ``tasks_per_node`` (default: one per GPU, 1 on CPU), ``cpus_per_task``,
-``mem_gb``, ``time`` ("HH:MM:SS", "D-HH:MM:SS" or minutes), ``slurm`` (extra sbatch options such as
+``mem_gb``, ``time`` ("HH:MM:SS", "D-HH:MM:SS" or minutes), ``requeues`` (time-outs that still requeue
+the job, default 10; preemptions always requeue), ``slurm`` (extra sbatch options such as
 ``{constraint: a100, qos: high}``). Partition and account are left to the user (command line).
+
+Top-level ``x-<name>`` keys are ignored: they hold YAML anchors (``&no_fpn``) that runs reuse (``*no_fpn``).
 """
 from __future__ import annotations
 
@@ -58,7 +62,7 @@ _BS_RE = re.compile(r"_bs(\d+)(?:k)?_")
 _RUN_KEYS = {"name", "matrix", "config", "batch_size", "seed", "entry_point", "cfg_options", "resources",
              "depends_on", "init_from", "paper", "metric", "batch_key", "seed_key", "description"}
 _RESOURCE_KEYS = {"nodes", "gpus_per_node", "tasks_per_node", "images_per_gpu", "cpus_per_task", "mem_gb",
-                  "time", "slurm"}
+                  "time", "requeues", "slurm"}
 
 
 class ExperimentError(ValueError):
@@ -75,6 +79,7 @@ class Resources:
     cpus_per_task: int = 2
     mem_gb: Optional[float] = None
     time_min: int = 60
+    requeues: int = 10  # time-outs after which the job is still requeued (preemptions do not count)
     slurm: Tuple[Tuple[str, Any], ...] = ()
 
     @property
@@ -94,6 +99,7 @@ class InitFrom:
     run: str
     key: str = "load_from"
     file: Optional[str] = None
+    handover: Optional[str] = None  # models.handover kind ('pretrain-to-det', 'o365-to-coco') applied first
 
 
 @dataclass
@@ -242,6 +248,7 @@ def _resources(spec: Mapping[str, Any], batch: Optional[int], where: str) -> Res
                      cpus_per_task=_as_int(spec.get("cpus_per_task", 2), f"{where}.cpus_per_task", 1),
                      mem_gb=None if mem is None else float(mem),
                      time_min=parse_time(spec.get("time", 60), f"{where}.time"),
+                     requeues=_as_int(spec.get("requeues", 10), f"{where}.requeues"),
                      slurm=tuple(sorted((str(k), v) for k, v in extra.items())))
 
 
@@ -308,9 +315,10 @@ def load_experiment(folder: str | Path, root: Optional[str | Path] = None, check
         raise ExperimentError(f"{file}: not valid YAML: {err}") from None
     if not isinstance(data, dict) or not isinstance(data.get("runs"), list) or not data["runs"]:
         raise ExperimentError(f"{file}: expected a mapping with a non-empty list 'runs'")
-    unknown = sorted(set(data) - {"description", "defaults", "runs", "name"})
+    unknown = sorted(k for k in set(data) - {"description", "defaults", "runs", "name"} if not str(k).startswith("x-"))
     if unknown:
-        raise ExperimentError(f"{file}: unknown top-level key(s) {unknown}; known: description, defaults, runs")
+        raise ExperimentError(f"{file}: unknown top-level key(s) {unknown}; known: description, defaults, runs "
+                              "(and x-<name> keys holding YAML anchors)")
     defaults = data.get("defaults") or {}
     if not isinstance(defaults, dict) or set(defaults) - (_RUN_KEYS - {"name", "matrix", "config"}):
         raise ExperimentError(f"{file}: 'defaults' must be a mapping of run keys (not name/matrix/config)")
@@ -333,11 +341,15 @@ def load_experiment(folder: str | Path, root: Optional[str | Path] = None, check
             if init is not None:
                 if isinstance(init, str):
                     init = {"run": init}
-                if not isinstance(init, dict) or "run" not in init or set(init) - {"run", "key", "file"}:
-                    raise ExperimentError(f"{where}.init_from: expected {{run: NAME, key: CFG_KEY, file: NAME}}, "
-                                          f"got {init!r}")
+                if not isinstance(init, dict) or "run" not in init or set(init) - {"run", "key", "file", "handover"}:
+                    raise ExperimentError(f"{where}.init_from: expected {{run: NAME, key: CFG_KEY, file: NAME, "
+                                          f"handover: KIND}}, got {init!r}")
+                if init.get("handover") not in (None, "pretrain-to-det", "o365-to-coco"):
+                    raise ExperimentError(f"{where}.init_from.handover: {init['handover']!r} is not one of "
+                                          "pretrain-to-det, o365-to-coco (models.handover)")
                 init = InitFrom(run=str(init["run"]), key=str(init.get("key", "load_from")),
-                                file=None if init.get("file") is None else str(init["file"]))
+                                file=None if init.get("file") is None else str(init["file"]),
+                                handover=init.get("handover"))
             deps = spec.get("depends_on") or []
             deps = [deps] if isinstance(deps, str) else list(deps)
             if init is not None and init.run not in deps:

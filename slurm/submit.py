@@ -44,7 +44,9 @@ def select_runs(exp: Experiment, only: Optional[Sequence[str]]) -> List[Run]:
 def make_spec(exp: Experiment, run: Run, work_dirs: Path) -> RunSpec:
     init = None
     if run.init_from is not None:
-        init = (str(run_dir(work_dirs, exp.name, run.init_from.run)), run.init_from.key, run.init_from.file)
+        i = run.init_from
+        init = {"work_dir": str(run_dir(work_dirs, exp.name, i.run)), "key": i.key, "file": i.file,
+                "handover": i.handover}
     entry = run.entry_point
     if entry.rsplit(":", 1)[0].endswith(".py"):  # a file entry point: absolute, so jobs find it from any cwd
         file, func = entry.rsplit(":", 1)
@@ -73,6 +75,7 @@ def executor_parameters(exp: Experiment, run: Run, cluster: str, partition: Opti
         params["mem_gb"] = r.mem_gb
     if cluster == "slurm":
         params["slurm_signal_delay_s"] = 180  # USR2 three minutes before the time limit: time to stop cleanly
+        params["slurm_max_num_timeout"] = r.requeues
         if partition:
             params["slurm_partition"] = partition
         if account:
@@ -206,8 +209,9 @@ def _submit_slurm_waves(submitit, exp, pending, job_ids, folder, partition, acco
             params = executor_parameters(exp, run, "slurm", partition, account, dependency)
             groups.setdefault(_group_key(params), []).append((run, spec, params))
         for items in groups.values():
-            ex = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
             params = dict(items[0][2])
+            ex = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm",
+                                       slurm_max_num_timeout=params.pop("slurm_max_num_timeout"))
             if len(items) > 1:
                 params["name"] = f"{exp.name}.array"
             ex.update_parameters(**params)

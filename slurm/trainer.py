@@ -57,7 +57,8 @@ class RunSpec:
     batch_key: Optional[str] = "train_dataloader.batch_size"
     seed: int = 0
     seed_key: Optional[str] = "randomness.seed"
-    init_from: Optional[Tuple[str, str, Optional[str]]] = None  # (previous stage's work dir, cfg key, file or None)
+    # the previous stage: {"work_dir", "key" (cfg option), "file" (None: its final checkpoint), "handover"}
+    init_from: Optional[Dict[str, Any]] = None
     resume: bool = True
     gpus_per_node: int = 0
 
@@ -191,16 +192,27 @@ class Trainer:
         if s.seed_key:
             opts[s.seed_key] = s.seed
         if s.init_from is not None:
-            dep_dir, key, file = s.init_from
-            if file is None:
-                opts[key] = str(final_checkpoint(dep_dir))
-            else:
-                path = Path(dep_dir) / file
-                if not path.is_file():
-                    raise FileNotFoundError(f"run {s.run} starts from {path}, which the previous stage has not "
-                                            "written: did it finish?")
-                opts[key] = str(path)
+            opts[s.init_from["key"]] = str(self.init_checkpoint(convert=False))
         return opts
+
+    def init_checkpoint(self, convert: bool = True) -> Path:
+        """The previous stage's checkpoint this run starts from; with a ``handover`` it is converted
+        (``models.handover.convert_file``, checked against this run's config) to ``<work_dir>/init.pth``."""
+        init = self.spec.init_from
+        dep_dir = Path(init["work_dir"])
+        src = final_checkpoint(dep_dir) if init.get("file") is None else dep_dir / init["file"]
+        if not src.is_file():
+            raise FileNotFoundError(f"run {self.spec.run} starts from {src}, which the previous stage has not "
+                                    "written: did it finish?")
+        if not init.get("handover"):
+            return src
+        dst = Path(self.spec.work_dir) / "init.pth"
+        if convert and (not dst.is_file() or dst.stat().st_mtime < src.stat().st_mtime):
+            from models.handover import convert_file
+
+            report = convert_file(init["handover"], str(src), str(dst), target_config=self.spec.config)
+            print(f"[slurm.trainer] hand-over {init['handover']}: {src} -> {dst}\n{report.summary()}", flush=True)
+        return dst
 
     def __call__(self) -> Dict[str, Any]:
         s = self.spec
@@ -213,6 +225,14 @@ class Trainer:
         info = setup_distributed(s.gpus_per_node)
         work_dir = Path(s.work_dir)
         try:
+            if s.init_from is not None and s.init_from.get("handover"):
+                if info.rank == 0:  # one rank converts (atomically: save_checkpoint), the others wait
+                    work_dir.mkdir(parents=True, exist_ok=True)
+                    self.init_checkpoint(convert=True)
+                if info.world_size > 1:
+                    import torch.distributed as dist
+
+                    dist.barrier()
             opts = self.cfg_options(info.world_size)
             if info.rank == 0:
                 work_dir.mkdir(parents=True, exist_ok=True)
