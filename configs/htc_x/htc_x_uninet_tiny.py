@@ -37,3 +37,39 @@ model = dict(
                    mask_size=28, pos_weight=-1, debug=False)
               for thr in (0.6, 0.7, 0.8)]),
     test_cfg=dict(rpn=dict(nms_pre=200, max_per_img=100)))
+
+# data: COCO format, 96 px (the synthetic generator's default size)
+data_root = "{{$AGVM_COCO_ROOT:data/synthetic/coco/}}"
+metainfo = dict(classes=("rectangle", "ellipse", "triangle"))
+train_pipeline = [
+    dict(type="LoadImageFromFile"),
+    dict(type="LoadAnnotations", with_bbox=True, with_mask=True),
+    dict(type="RandomResize", scale=(96, 96), ratio_range=(0.8, 1.2), keep_ratio=True),
+    dict(type="RandomFlip", prob=0.5),
+    dict(type="PackDetInputs"),
+]
+test_pipeline = [
+    dict(type="LoadImageFromFile"),
+    dict(type="Resize", scale=(96, 96), keep_ratio=True),
+    dict(type="LoadAnnotations", with_bbox=True, with_mask=True),
+    dict(type="PackDetInputs", meta_keys=("img_id", "img_path", "ori_shape", "img_shape", "scale_factor")),
+]
+train_dataloader = dict(
+    batch_size=2, num_workers=0, sampler=dict(type="DefaultSampler", shuffle=True),
+    dataset=dict(type="EnvRootCocoDataset", data_root=data_root, metainfo=metainfo,
+                 ann_file="annotations/instances_train2017.json", data_prefix=dict(img="train2017/"),
+                 filter_cfg=dict(filter_empty_gt=True, min_size=4), pipeline=train_pipeline))
+val_dataloader = dict(
+    batch_size=2, num_workers=0, drop_last=False, sampler=dict(type="DefaultSampler", shuffle=False),
+    dataset=dict(type="EnvRootCocoDataset", data_root=data_root, metainfo=metainfo,
+                 ann_file="annotations/instances_val2017.json", data_prefix=dict(img="val2017/"), test_mode=True,
+                 pipeline=test_pipeline))
+test_dataloader = val_dataloader
+val_evaluator = dict(type="CocoMetric", ann_file=data_root + "annotations/instances_val2017.json",
+                     metric=["bbox", "segm"])
+test_evaluator = val_evaluator
+train_cfg = dict(type="EpochBasedTrainLoop", max_epochs=1, val_interval=1)
+val_cfg = dict(type="ValLoop")
+test_cfg = dict(type="TestLoop")
+optim_wrapper = dict(type="OptimWrapper", optimizer=dict(type="AdamW", lr=1e-4, weight_decay=0.05))
+param_scheduler = []

@@ -48,7 +48,7 @@ class DecoupledTransformerBBoxHead(BBoxHead):
         trunc_normal_(self.pos_embed, std=0.02)
 
         def stack(n: int) -> nn.Sequential:
-            rates = torch.linspace(0, drop_path_rate, max(n, 1)).tolist()
+            rates = [drop_path_rate * i / max(n - 1, 1) for i in range(n)]  # python floats: meta-device safe
             return nn.Sequential(*[Block(d, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, drop_path=rates[i])
                                    for i in range(n)])
 
