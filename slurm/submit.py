@@ -58,7 +58,8 @@ def make_spec(exp: Experiment, run: Run, work_dirs: Path) -> RunSpec:
 
 
 def executor_parameters(exp: Experiment, run: Run, cluster: str, partition: Optional[str] = None,
-                        account: Optional[str] = None, dependency: Optional[str] = None) -> Dict[str, Any]:
+                        account: Optional[str] = None, dependency: Optional[str] = None,
+                        setup: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """submitit AutoExecutor parameters for a run (generic ones, plus ``slurm_*`` for SLURM)."""
     r = run.resources
     if cluster == "local" and r.nodes > 1:
@@ -80,6 +81,8 @@ def executor_parameters(exp: Experiment, run: Run, cluster: str, partition: Opti
             params["slurm_partition"] = partition
         if account:
             params["slurm_account"] = account
+        if setup:
+            params["slurm_setup"] = list(setup)
         extra = dict(r.slurm)
         if dependency:
             extra["dependency"] = dependency
@@ -131,7 +134,8 @@ def _write_run_json(run_work_dir: Path, exp: Experiment, run: Run, spec: RunSpec
 
 def submit_experiment(exp: Experiment, cluster: str = "slurm", only: Optional[Sequence[str]] = None,
                       partition: Optional[str] = None, account: Optional[str] = None, dry_run: bool = False,
-                      force: bool = False, work_dirs: Optional[Path] = None, log=print) -> Dict[str, str]:
+                      force: bool = False, work_dirs: Optional[Path] = None, setup: Optional[Sequence[str]] = None,
+                      log=print) -> Dict[str, str]:
     """Submit (or, for local/debug, run) the selected runs. Returns {run: job id, 'skipped: ...' or error}."""
     import submitit
 
@@ -183,12 +187,13 @@ def submit_experiment(exp: Experiment, cluster: str = "slurm", only: Optional[Se
                 continue
             outcome[run.name] = _run_here(submitit, exp, run, spec, cluster, folder, wd, log)
     if cluster == "slurm":
-        _submit_slurm_waves(submitit, exp, pending, job_ids, folder, partition, account, work_dirs, outcome, log)
+        _submit_slurm_waves(submitit, exp, pending, job_ids, folder, partition, account, work_dirs, outcome, log,
+                            setup)
     return outcome
 
 
 def _submit_slurm_waves(submitit, exp, pending, job_ids, folder, partition, account, work_dirs, outcome,
-                        log) -> None:
+                        log, setup=None) -> None:
     """Submit in waves: each wave takes the pending runs whose dependencies are finished or have job ids,
     and sends runs with equal resources and equal dependencies out as one job array."""
     while pending:
@@ -206,7 +211,7 @@ def _submit_slurm_waves(submitit, exp, pending, job_ids, folder, partition, acco
         for run, spec in ready:
             dep_ids = [job_ids[d] for d in run.depends_on if d in job_ids]
             dependency = "afterok:" + ":".join(dep_ids) if dep_ids else None
-            params = executor_parameters(exp, run, "slurm", partition, account, dependency)
+            params = executor_parameters(exp, run, "slurm", partition, account, dependency, setup)
             groups.setdefault(_group_key(params), []).append((run, spec, params))
         for items in groups.values():
             params = dict(items[0][2])
@@ -260,6 +265,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--cluster", choices=("slurm", "local", "debug"), default="slurm")
     ap.add_argument("--partition", help="SLURM partition (yours; not written in the experiment)")
     ap.add_argument("--account", help="SLURM account")
+    ap.add_argument("--setup", action="append", metavar="CMD",
+                    help="shell line run in the sbatch script before the job (repeat), e.g. 'module load cuda'")
     ap.add_argument("--only", action="append", metavar="RUN", help="run name or pattern (repeat or comma-separate)")
     ap.add_argument("--dry-run", action="store_true", help="print the plan, submit nothing")
     ap.add_argument("--force", action="store_true", help="re-run finished runs (old work dir kept)")
@@ -271,7 +278,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         exp = load_experiment(args.experiment, root=args.root)
         outcome = submit_experiment(exp, cluster=args.cluster, only=args.only, partition=args.partition,
                                     account=args.account, dry_run=args.dry_run, force=args.force,
-                                    work_dirs=work_dirs_root(exp.root, args.work_dirs))
+                                    work_dirs=work_dirs_root(exp.root, args.work_dirs), setup=args.setup)
     except ExperimentError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
