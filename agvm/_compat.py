@@ -9,9 +9,11 @@
    ``torchvision::roi_align`` (torchvision's own pure-python fallback) before torchvision is imported.
    On a CUDA build, or where the extension loads, nothing is touched. mmdet's detectors use mmcv.ops,
    not these operators.
-2. torch >= 2.6 loads checkpoints with ``weights_only=True``; mmengine checkpoints carry a few
-   non-tensor globals (its HistoryBuffer, numpy scalars). They are allow-listed so trusted mmengine
-   checkpoints load in the safe mode instead of switching it off.
+2. torch >= 2.6 loads checkpoints with ``weights_only=True``; mmengine checkpoints carry numpy
+   scalars, arrays and dtypes in their meta data and HistoryBuffer objects in their message hub. The
+   numpy types and HistoryBuffer are allow-listed. A full mmengine *training* checkpoint still needs
+   ``builtins.getattr`` for its message hub, which is never allow-listed (it would open the safe mode);
+   resuming one's own run loads it as a trusted file (see agvm.mm), and evaluation loads weights only.
 """
 from __future__ import annotations
 
