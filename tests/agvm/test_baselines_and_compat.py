@@ -36,6 +36,7 @@ def test_lars_and_lamb_are_timms():
         agvm.create_optimizer("adam", _model().parameters())
 
 
+@pytest.mark.mm
 def test_nms_reference_matches_mmcv():
     from mmcv.ops import nms as mmcv_nms
 
@@ -48,6 +49,7 @@ def test_nms_reference_matches_mmcv():
     assert compat.nms_reference(torch.zeros(0, 4), torch.zeros(0), 0.5).numel() == 0
 
 
+@pytest.mark.mm
 @pytest.mark.skipif(torch.version.cuda is not None, reason="the shim is for CPU torch builds")
 def test_torchvision_imports_and_its_ops_work_after_apply_on_cpu_torch():
     from torchvision.ops import nms, roi_align
@@ -61,6 +63,7 @@ def test_torchvision_imports_and_its_ops_work_after_apply_on_cpu_torch():
                                mmcv_roi_align(x, rois, (4, 4), 1.0, 2, "avg", True), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_shim_is_needed_here_iff_cpu_torch_and_plain_import_fails():
     """Without apply() torchvision must fail on CPU torch (else the shim is dead code), and work with it."""
     code = "import torchvision"
