@@ -257,6 +257,10 @@ def apply_synthetic(cfg, root: Optional[str] = None, image_size: int = 96) -> No
             d["pretrained"] = None
 
     _walk(cfg._cfg_dict if hasattr(cfg, "_cfg_dict") else cfg, rescale)
+    for key in ("train_dataloader", "val_dataloader", "test_dataloader"):
+        if cfg.get(key):  # a few small images: loading in the main process is fastest
+            cfg[key]["num_workers"] = 0
+            cfg[key]["persistent_workers"] = False
     if kind == "semantic_fpn":
         data_root = osp.join(root, "ade")
         meta = dict(classes=SEG_CLASSES, palette=[list(_STUFF_RGB[0]), list(_STUFF_RGB[1])] +

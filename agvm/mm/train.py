@@ -1,0 +1,198 @@
+"""The one training entry point of the OpenMMLab pipelines: ``train(config, work_dir, ...)``.
+
+    python -m agvm.mm.train configs/faster_rcnn/faster_rcnn_r50_bs32_agvm_sgd.py --work-dir work_dirs/x \
+        [--cfg-options dataset=synthetic train_cfg.max_epochs=1 ...] [--no-resume] [--launcher pytorch]
+
+Trains with mmengine's Runner (``AGVMRunner``: atomic checkpoints), evaluates with the config's
+metric, writes ``<work_dir>/metrics.json`` (the final metrics as a flat ``{name: value}`` dict,
+atomically) and returns the same dict. With ``resume=True`` it continues from the newest complete
+checkpoint in ``work_dir``. ``dataset=synthetic`` (an override) trains on the generated data
+(``agvm.mm.synthetic``; written to ``$AGVM_SYNTHETIC_ROOT`` or ``data/synthetic`` when missing).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import os.path as osp
+from typing import Dict, Optional
+
+__all__ = ["train", "load_config", "check_data_roots", "check_pretrained", "main"]
+
+ROOT_VARS = {"coco": "AGVM_COCO_ROOT", "ade20k": "AGVM_ADE_ROOT", "objects365": "AGVM_O365_ROOT",
+             "imagenet": "AGVM_IMAGENET_ROOT"}
+
+
+def load_config(config: str, cfg_options: Optional[dict] = None):
+    """mmengine Config from ``config`` with ``cfg_options`` merged and ``dataset=synthetic`` applied."""
+    from agvm.mm import register_all
+
+    register_all()
+    from mmengine.config import Config
+
+    if not osp.isfile(config):
+        raise FileNotFoundError(f"config file not found: {config}")
+    cfg = Config.fromfile(config)
+    options = dict(cfg_options or {})
+    synthetic_size = options.pop("synthetic_image_size", None)
+    if options:
+        cfg.merge_from_dict(options)
+    if cfg.get("dataset") == "synthetic":
+        from .synthetic import apply_synthetic
+
+        apply_synthetic(cfg, root=cfg.get("synthetic_root"), image_size=int(synthetic_size or 96))
+    return cfg
+
+
+def _dataset_cfgs(cfg):
+    for key in ("train_dataloader", "val_dataloader", "test_dataloader"):
+        loader = cfg.get(key)
+        if loader:
+            ds = loader["dataset"]
+            while "dataset" in ds and "data_root" not in ds:  # RepeatDataset / ClassBalancedDataset
+                ds = ds["dataset"]
+            yield key, ds
+
+
+def check_data_roots(cfg) -> None:
+    """FileNotFoundError naming the missing dataset path and the variable / override to set."""
+    name = cfg.get("dataset", "coco")
+    var = ROOT_VARS.get(name, "the dataset root variable")
+    for key, ds in _dataset_cfgs(cfg):
+        root = ds.get("data_root", "")
+        paths = [root] if root else []
+        if ds.get("ann_file"):
+            paths.append(osp.join(root, ds["ann_file"]))
+        for path in paths:
+            if not osp.exists(path):
+                raise FileNotFoundError(
+                    f"{name} data for {key} not found: {osp.abspath(path)} does not exist. Set {var} to the "
+                    f"{name} root (now {os.environ.get(var, '<unset>')!r}), or train on generated data with "
+                    "--cfg-options dataset=synthetic")
+
+
+def _pretrained_paths(cfg):
+    found = []
+
+    def walk(obj):
+        if isinstance(obj, dict):
+            if obj.get("type") == "Pretrained" and obj.get("checkpoint"):
+                found.append(obj["checkpoint"])
+            for v in obj.values():
+                walk(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                walk(v)
+
+    walk(cfg.get("model", {}))
+    return found
+
+
+def check_pretrained(cfg) -> None:
+    """Pretrained backbone weights must be on disk (nothing is downloaded unless AGVM_ALLOW_DOWNLOAD=1)."""
+    if os.environ.get("AGVM_ALLOW_DOWNLOAD") == "1":
+        return
+    import torch
+
+    hub = osp.join(torch.hub.get_dir(), "checkpoints")
+    for ckpt in _pretrained_paths(cfg):
+        if ckpt.startswith(("http://", "https://", "torchvision://", "open-mmlab://", "mmcls://", "pavi://")):
+            if ckpt.startswith("torchvision://"):
+                from mmengine.runner.checkpoint import get_torchvision_models
+
+                url = get_torchvision_models().get(ckpt[len("torchvision://"):], "")
+            else:
+                url = ckpt
+            local = osp.join(hub, osp.basename(url)) if url else ""
+            if not url or not osp.exists(local):
+                raise FileNotFoundError(
+                    f"pretrained backbone weights {ckpt} are not on this machine (expected {local or '?'}) and "
+                    "downloads are off. Put the file there, set AGVM_ALLOW_DOWNLOAD=1, or train from scratch with "
+                    "--cfg-options model.backbone.init_cfg=None")
+        elif not osp.exists(ckpt):
+            raise FileNotFoundError(f"pretrained checkpoint {ckpt} does not exist")
+
+
+def _to_float(v):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return v
+
+
+def _write_json_atomic(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _init_cpu_process_group(launcher: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    if launcher != "none" and not torch.cuda.is_available() and dist.is_available() and not dist.is_initialized():
+        dist.init_process_group("gloo")  # mmengine's init_dist assumes CUDA; RANK/WORLD_SIZE/MASTER_* from env
+
+
+def train(config: str, work_dir: str, cfg_options: Optional[dict] = None, resume: bool = True,
+          launcher: str = "none") -> Dict[str, float]:
+    """Train ``config`` into ``work_dir``, evaluate, write ``metrics.json``; returns the final metrics."""
+    from mmengine.dist import is_main_process
+
+    from .hooks import AGVMHook
+    from .runner import AGVMRunner, latest_checkpoint
+
+    cfg = load_config(config, cfg_options)
+    if cfg.get("dataset") == "synthetic":
+        from .synthetic import ensure
+
+        if is_main_process():
+            ensure(cfg.synthetic_root)
+    else:
+        check_data_roots(cfg)
+        check_pretrained(cfg)
+    os.makedirs(work_dir, exist_ok=True)
+    cfg.work_dir = osp.abspath(work_dir)
+    cfg.launcher = launcher
+    _init_cpu_process_group(launcher)
+    ckpt = latest_checkpoint(cfg.work_dir) if resume else None
+    cfg.resume = ckpt is not None
+    cfg.load_from = ckpt
+    cfg.pop("runner_type", None)
+    runner = AGVMRunner.from_cfg(cfg)
+    runner.train()
+    hook = next(h for h in runner.hooks if isinstance(h, AGVMHook))
+    metrics = hook.last_metrics
+    if runner.val_loop is not None and (metrics is None or hook.last_metrics_iter != runner.iter):
+        metrics = runner.val()
+    metrics = {k: _to_float(v) for k, v in (metrics or {}).items()}
+    if is_main_process():
+        _write_json_atomic(osp.join(cfg.work_dir, "metrics.json"), metrics)
+    return metrics
+
+
+def _parse_options(items):
+    from mmengine.config import DictAction
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cfg-options", nargs="+", action=DictAction, default={})
+    return parser.parse_args(["--cfg-options", *items]).cfg_options if items else {}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="Train an AGVM mmdet/mmseg config (mmengine Runner).")
+    p.add_argument("config")
+    p.add_argument("--work-dir", required=True)
+    p.add_argument("--cfg-options", nargs="+", default=[],
+                   help="key=value overrides, e.g. dataset=synthetic train_cfg.max_iters=10")
+    p.add_argument("--no-resume", action="store_true", help="start from scratch even if checkpoints exist")
+    p.add_argument("--launcher", default="none", choices=["none", "pytorch", "slurm", "mpi"])
+    a = p.parse_args(argv)
+    metrics = train(a.config, a.work_dir, _parse_options(a.cfg_options), resume=not a.no_resume,
+                    launcher=a.launcher)
+    print(json.dumps(metrics, indent=1, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,13 @@
+# Faster R-CNN with a Swin-Tiny backbone (mmdet's Swin, ImageNet-1k weights) and FPN: Table 3.
+_base_ = './faster_rcnn.py'
+pretrained = 'https://github.com/SwinTransformer/storage/releases/download/v1.0.0/swin_tiny_patch4_window7_224.pth'  # noqa
+model = dict(
+    backbone=dict(
+        _delete_=True, type='SwinTransformer', embed_dims=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24],
+        window_size=7, mlp_ratio=4, qkv_bias=True, qk_scale=None, drop_rate=0., attn_drop_rate=0.,
+        drop_path_rate=0.2, patch_norm=True, out_indices=(0, 1, 2, 3), with_cp=False, convert_weights=True,
+        init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
+    neck=dict(in_channels=[96, 192, 384, 768]))
+# no weight decay for norms, biases and Swin's position tables (as mmdet's Swin configs)
+optim_wrapper = dict(paramwise_cfg=dict(no_decay_norm_bias=True,
+                                        no_decay_keys=['absolute_pos_embed', 'relative_position_bias_table']))
