@@ -7,6 +7,7 @@ parent reads back from ``<tmp>/rank<r>.pt``.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import tempfile
 import traceback
@@ -66,7 +67,8 @@ def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 # -- launching -------------------------------------------------------------------------------------
 def _entry(rank: int, world: int, fn: Callable, cfg: Dict[str, Any], tmp: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/pg", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/pg", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=300))  # a broken run fails instead of hanging
     try:
         out = fn(rank, world, cfg)
     except BaseException as e:  # noqa: BLE001 - reported to the parent
@@ -271,3 +273,20 @@ def reference(world: int, cfg: Dict[str, Any], split: Optional[Sequence[Sequence
             p.grad = None if a is None and b is None else (a + b) / 2
         opt.step(halves=(ga, gb) if opt.should_measure() else None)
     return _result(model, opt)
+
+
+WORKERS = {"train": train_worker, "resume": resume_worker, "traffic": traffic_worker, "error": error_worker}
+
+
+def multi_worker(rank: int, world: int, cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """Several runs in one set of processes (spawning is the slow part): ``cfg['runs'] = {name: (worker, cfg)}``.
+
+    A run that raises is reported as ``{"error", "traceback"}`` and the others still run."""
+    out = {}
+    for name, (worker, run_cfg) in cfg["runs"].items():
+        try:
+            out[name] = WORKERS[worker](rank, world, run_cfg)
+        except Exception as e:  # noqa: BLE001 - reported to the parent
+            out[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+        dist.barrier()
+    return out
