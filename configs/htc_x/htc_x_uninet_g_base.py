@@ -8,7 +8,16 @@ norm layers of the neck, drop path during fine-tuning, global context loss weigh
 Parts: models/htc_x/ (registered on import of models.htc_x.register), models/mmdet_uninet.py (backbone 'UniNet').
 """
 _base_ = ["mmdet::_base_/default_runtime.py"]
-custom_imports = dict(imports=["models.mmdet_uninet", "models.htc_x.register"], allow_failed_imports=False)
+custom_imports = dict(imports=["agvm.mm.registry", "models.mmdet_uninet", "models.htc_x.register"],
+                      allow_failed_imports=False)
+pipeline = "htc_x"
+dataset = "coco"  # 'synthetic' (an override) trains on generated data, see agvm.mm.synthetic
+runner_type = "AGVMRunner"  # atomic checkpoints; one-process two-half steps for AGVM optimizers
+custom_hooks = [dict(type="AGVMHook")]  # DDP measurement hook + Phi/mu log (agvm_variance.jsonl)
+default_hooks = dict(checkpoint=dict(max_keep_ckpts=3))
+visualizer = dict(vis_backends=[dict(type="LocalVisBackend"), dict(type="TensorboardVisBackend")])
+# param groups with a "module" key (backbone, neck, rpn_head, roi_head = global context head, bbox_head, mask_head)
+optim_wrapper = dict(constructor="AGVMOptimWrapperConstructor", paramwise_cfg=dict(no_decay_norm_bias=True))
 
 num_classes = 80
 neck_channels = 384  # paper

@@ -15,7 +15,8 @@ Optimizer: 'AGVMAdamW' is registered by agvm.mm.register_all() (the training ent
 _base_ = ["./htc_x_uninet_g_base.py"]
 
 num_classes = 80
-total_batch_size = 960  # paper; = GPUs x train_dataloader.batch_size
+total_batch_size = 960  # paper
+num_gpus = 480  # launch with this many processes: train_dataloader.batch_size (2) is per GPU
 model = dict(roi_head=dict(num_classes=num_classes), backbone=dict(window_sizes=(28, 14)))  # windows: paper
 
 load_from = "{{$AGVM_COCO_INIT:work_dirs/htc_x_uninet_g_coco/init.pth}}"
@@ -62,6 +63,6 @@ param_scheduler = [
     dict(type="MultiStepLR", begin=0, end=max_epochs, by_epoch=True, milestones=[8, 10], gamma=0.1),  # ours
 ]
 optim_wrapper = dict(
-    type="OptimWrapper",
+    type="AGVMOptimWrapper",
     optimizer=dict(type="AGVMAdamW", lr=1.5e-4, betas=(0.9, 0.999), weight_decay=0.05))  # lr: paper; wd: ours
 auto_scale_lr = dict(enable=False, base_batch_size=total_batch_size)

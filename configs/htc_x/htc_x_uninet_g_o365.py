@@ -14,7 +14,9 @@ _base_ = ["./htc_x_uninet_g_base.py"]
 
 num_classes = 365
 mask_on = False
-total_batch_size = 64  # paper; = GPUs x train_dataloader.batch_size
+dataset = "objects365"
+total_batch_size = 64  # paper
+num_gpus = 32  # launch with this many processes: train_dataloader.batch_size (2) is per GPU
 model = dict(roi_head=dict(num_classes=num_classes, mask_roi_extractor=None, mask_head=None))
 
 load_from = "{{$AGVM_O365_INIT:work_dirs/htc_x_uninet_g_o365/init.pth}}"
@@ -61,6 +63,5 @@ param_scheduler = [
 ]
 optim_wrapper = dict(
     type="OptimWrapper",
-    optimizer=dict(type="AdamW", lr=8e-5, betas=(0.9, 0.999), weight_decay=0.05),  # lr: paper; wd: ours
-    paramwise_cfg=dict(norm_decay_mult=0.0, bias_decay_mult=0.0))
+    optimizer=dict(type="AdamW", lr=8e-5, betas=(0.9, 0.999), weight_decay=0.05))  # lr: paper; wd: ours
 auto_scale_lr = dict(enable=False, base_batch_size=total_batch_size)

@@ -71,5 +71,7 @@ test_evaluator = val_evaluator
 train_cfg = dict(type="EpochBasedTrainLoop", max_epochs=1, val_interval=1)
 val_cfg = dict(type="ValLoop")
 test_cfg = dict(type="TestLoop")
-optim_wrapper = dict(type="OptimWrapper", optimizer=dict(type="AdamW", lr=1e-4, weight_decay=0.05))
+# the COCO stage's optimizer (AGVM-AdamW; one process: two-half micro-batches, agvm.mm.optim)
+optim_wrapper = dict(type="AGVMOptimWrapper",
+                     optimizer=dict(type="AGVMAdamW", lr=1e-4, weight_decay=0.05, interval=1))
 param_scheduler = []

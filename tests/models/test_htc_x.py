@@ -270,3 +270,55 @@ def test_htc_x_uninet_g_parameter_count() -> None:
     class_layers = (3 * (d + 1) + (d + 1)) * (365 - 80)  # 3 fc_cls (K+1 outputs) + glbctx fc (K outputs)
     assert c["total"] - o["total"] == mask_head - class_layers
     assert 1.1e9 < c["total"] < 1.25e9  # UniNet-G ~1.08B + HTC-X ~92M
+
+
+@pytest.mark.slow
+def test_tiny_htc_x_through_the_training_entry_point(synthetic_coco: str, tmp_path, monkeypatch) -> None:
+    """agvm.mm.train on the tiny config: AGVM-AdamW (two-half steps), COCO bbox+segm evaluation, variance log."""
+    import json
+
+    from agvm.mm.train import train
+
+    monkeypatch.setenv("AGVM_COCO_ROOT", synthetic_coco)
+    work = tmp_path / "work"
+    metrics = train(TINY, str(work), cfg_options={"train_cfg.max_epochs": 1}, resume=False)
+    assert {"coco/bbox_mAP", "coco/segm_mAP"} <= set(metrics)
+    assert json.loads((work / "metrics.json").read_text()) == pytest.approx(metrics)
+    assert (work / "epoch_1.pth").is_file()
+    lines = [json.loads(line) for line in (work / "agvm_variance.jsonl").read_text().splitlines()]
+    assert lines and lines[-1]["optimizer"] == "AGVMAdamW"
+    assert {"backbone", "neck", "rpn_head", "roi_head", "bbox_head", "mask_head"} == set(lines[-1]["mu"])
+    assert all(math.isfinite(v) for line in lines for v in line["phi"].values())
+
+
+def test_stage_configs_follow_the_paper() -> None:
+    from mmengine.config import Config
+
+    o365, coco = Config.fromfile(G_O365), Config.fromfile(G_COCO)
+    assert o365.optim_wrapper.optimizer.type == "AdamW" and o365.optim_wrapper.optimizer.lr == 8e-5
+    assert o365.total_batch_size == 64 and o365.train_cfg.max_epochs == 20
+    assert o365.model.roi_head.num_classes == 365 and o365.model.roi_head.mask_head is None
+    assert o365.train_dataloader.dataset.type == "EnvRootObjects365V1Dataset"
+    assert coco.optim_wrapper.optimizer.type == "AGVMAdamW" and coco.optim_wrapper.optimizer.lr == 1.5e-4
+    assert coco.total_batch_size == 960 and coco.train_cfg.max_epochs == 11
+    assert coco.model.roi_head.num_classes == 80 and coco.model.roi_head.mask_head is not None
+    assert tuple(coco.model.backbone.window_sizes) == (28, 14) and coco.model.backbone.num_subsets == 18
+    scales = coco.train_dataloader.dataset.pipeline[2].scales
+    assert min(s[1] for s in scales) == 400 and max(s[1] for s in scales) == 1200 and {s[0] for s in scales} == {1600}
+    for cfg in (o365, coco):
+        m = cfg.model
+        assert m.neck.out_channels == 384 and m.neck.num_outs == 6
+        assert m.rpn_head.anchor_generator.strides == [8, 16, 32, 64, 128, 256]  # P3-P8
+        assert [r.assigner.pos_iou_thr for r in m.train_cfg.rcnn] == [0.6, 0.7, 0.8]
+        assert all(h.num_cls_blocks == 4 and h.num_reg_blocks == 4 for h in m.roi_head.bbox_head)
+
+
+def test_missing_dataset_root_names_the_path(tmp_path) -> None:
+    from models.htc_x.datasets import EnvRootCocoDataset
+
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=f"{missing}.*AGVM_COCO_ROOT"):
+        EnvRootCocoDataset(data_root=missing, ann_file="annotations/instances_train2017.json")
+    (tmp_path / "coco").mkdir()
+    with pytest.raises(FileNotFoundError, match="instances_val2017.json.*is missing"):
+        EnvRootCocoDataset(data_root=str(tmp_path / "coco"), ann_file="annotations/instances_val2017.json")
