@@ -225,22 +225,31 @@ def test_tiny_uninet_htc_x_trains_and_predicts(synthetic_coco: str) -> None:
 
 
 @pytest.mark.slow
-def test_htc_lite_without_mask_branch(synthetic_coco: str) -> None:
-    """Objects365 setting: no mask loss, no masks predicted; num_classes reaches every class layer."""
+def test_htc_lite_without_mask_branch_on_non_square_inputs() -> None:
+    """Objects365 setting: no mask loss, no masks predicted; num_classes reaches every class layer; images whose
+    sizes are neither square nor multiples of the windows / strides."""
+    from mmdet.testing import demo_mm_inputs
+
     torch.manual_seed(0)
     cfg = _tiny_cfg(mask_roi_extractor=None, mask_head=None, num_classes=5)
     model = _build(cfg)
     assert not model.with_mask
     assert all(h.fc_cls.out_features == 6 for h in model.roi_head.bbox_head)
     assert model.roi_head.glbctx_head.fc.out_features == 5
-    batch = _batch(cfg, synthetic_coco)
-    data = model.data_preprocessor(batch, True)
+    packed = demo_mm_inputs(2, [[3, 90, 131], [3, 70, 100]], num_classes=5, num_items=[3, 2])
+    data = model.data_preprocessor(packed, True)
     losses = model(**data, mode="loss")
     assert "loss_mask" not in losses and "loss_glbctx" in losses
+    total, log = model.parse_losses(losses)
+    assert math.isfinite(total.detach().item()) and all(math.isfinite(float(v)) for v in log.values())
     model.eval()
     with torch.no_grad():
-        res = model.val_step(_batch(cfg, synthetic_coco, split="val"))
+        data = model.data_preprocessor(packed, False)
+        res = model(**data, mode="predict")
+        (cls_scores, bbox_preds), = model(**data, mode="tensor")
     assert "masks" not in res[0].pred_instances and len(res[0].pred_instances) > 0
+    assert res[0].pred_instances.bboxes[:, 2].max() <= 131 and res[1].pred_instances.bboxes[:, 3].max() <= 70
+    assert len(cls_scores) == 2 and cls_scores[0].shape[1] == 6 and bbox_preds[0].shape[1] == 4
     with pytest.raises(ValueError, match="both mask_roi_extractor and mask_head"):
         _build(_tiny_cfg(mask_head=None))
 
