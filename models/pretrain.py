@@ -26,11 +26,13 @@ import ast
 import json
 import math
 import os
+import random
 import runpy
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -164,7 +166,10 @@ def train(cfg: Dict[str, Any], data_root: Optional[str] = None, work_dir: Option
     tcfg, dcfg, ocfg, scfg = cfg["train"], cfg["data"], cfg["optimizer"], cfg["scheduler"]
     work = Path(work_dir or cfg["work_dir"])
     work.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(tcfg.get("seed", 0) + rank)
+    seed = tcfg.get("seed", 0) + rank  # DDP broadcasts rank 0's initial weights
+    torch.manual_seed(seed)
+    random.seed(seed)  # timm's RandAugment / Random Erasing draw from python's and numpy's generators
+    np.random.seed(seed)  # Mixup / CutMix
 
     # data
     train_dir = resolve_train_dir(cfg, data_root)
@@ -184,7 +189,8 @@ def train(cfg: Dict[str, Any], data_root: Optional[str] = None, work_dir: Option
     sampler = EpochSampler(len(dataset), bpg, rank, world, tcfg.get("seed", 0))
     loader = torch.utils.data.DataLoader(dataset, batch_size=bpg, sampler=sampler, drop_last=True,
                                          num_workers=dcfg.get("workers", 0), pin_memory=device.type == "cuda",
-                                         persistent_workers=False)
+                                         persistent_workers=False,
+                                         generator=torch.Generator().manual_seed(seed))  # not the global RNG
     steps_per_epoch = sampler.per_rank // (bpg * accum)
     if steps_per_epoch == 0:
         raise ValueError(f"one epoch ({sampler.per_rank} images per process) is less than one optimizer step "
@@ -201,6 +207,9 @@ def train(cfg: Dict[str, Any], data_root: Optional[str] = None, work_dir: Option
     # model, optimizer, schedule
     mkw = {k: v for k, v in cfg["model"].items() if k != "name"}
     model = timm.create_model(cfg["model"]["name"], **mkw).to(device)
+    channels_last = bool(tcfg.get("channels_last", False))  # transformer stages run NHWC anyway
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     opt_kw = {k: v for k, v in ocfg.items() if k not in ("opt", "lr", "weight_decay")}
     optimizer = create_optimizer_v2(model, opt=ocfg["opt"], lr=ocfg["lr"], weight_decay=ocfg["weight_decay"],
                                     **opt_kw)
@@ -223,15 +232,21 @@ def train(cfg: Dict[str, Any], data_root: Optional[str] = None, work_dir: Option
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, epoch, done_in_epoch = state["step"], state["epoch"], state["steps_done_in_epoch"]
+        rng = state.get("rng", {}).get(rank)
+        if rng is not None:  # same augmentation draws as an uninterrupted run (single process, workers=0)
+            torch.set_rng_state(rng["torch"])
+            random.setstate(rng["python"])
+            np.random.set_state(rng["numpy"])
         if rank == 0:
             print(f"[pretrain] resumed from {last} at step {step} (epoch {epoch})", flush=True)
 
     def checkpoint() -> None:
         if rank != 0:
             return
+        rng = {0: dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state())}
         save_atomic(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
                          scheduler=scheduler.state_dict(), step=step, epoch=epoch,
-                         steps_done_in_epoch=done_in_epoch, config=cfg), last)
+                         steps_done_in_epoch=done_in_epoch, config=cfg, rng=rng), last)
         save_atomic(model.state_dict(), work / cfg["export_name"])
 
     amp = tcfg.get("amp") == "bf16" and device.type == "cuda"
@@ -251,6 +266,8 @@ def train(cfg: Dict[str, Any], data_root: Optional[str] = None, work_dir: Option
             for micro in range(accum):
                 images, targets = next(it)
                 images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+                if channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
                 if mixup is not None:
                     images, targets = mixup(images, targets)
                 sync = micro == accum - 1 or world == 1

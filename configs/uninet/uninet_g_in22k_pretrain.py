@@ -58,6 +58,7 @@ scheduler = dict(
 train = dict(
     amp="bf16",                # "bf16" (CUDA autocast) or None
     clip_grad=None,
+    channels_last=True,        # NHWC weights / inputs (the transformer stages work on NHWC tokens)
     max_iters=None,            # stop early after this many optimizer steps (tests / smoke runs)
     log_interval=50,
     ckpt_interval=None,        # optimizer steps between checkpoints; None -> end of every epoch

@@ -82,10 +82,14 @@ def test_tiny_pretrain_run_checkpoint_and_resume(tmp_path):
     feat = timm.create_model("uninet_tiny", features_only=True, out_indices=(2, 4, 5), pretrained=True,
                              pretrained_cfg_overlay=dict(file=str(export)))
     torch.testing.assert_close(feat.model.stages[5].blocks[0].attn.qkv.weight, sd["stages.5.blocks.0.attn.qkv.weight"])
-    # resume: continues at step 3 (not from scratch) and stops at 5
+    # resume: continues at step 3 (not from scratch), stops at 5, and matches an uninterrupted 5-step run
     s2 = main([CONFIG, "--data-root", str(data), "--work-dir", str(work), "--override", *TINY,
                "train.max_iters=5", "scheduler.epochs=2"])
     assert s2["steps"] == 5 and len(s2["losses"]) == 2
+    straight = main([CONFIG, "--data-root", str(data), "--work-dir", str(tmp_path / "straight"), "--override",
+                     *TINY, "train.max_iters=5", "scheduler.epochs=2"])
+    assert straight["losses"][:3] == s["losses"]
+    np.testing.assert_allclose(straight["losses"][3:], s2["losses"], rtol=1e-5)
     with pytest.raises(ValueError, match="class folders"):
         main([CONFIG, "--data-root", str(data), "--work-dir", str(tmp_path / "w2"), "--override", *TINY,
               "model.num_classes=10", "train.max_iters=1"])
