@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import os.path as osp
+import uuid
 from typing import Dict, Optional
 
 __all__ = ["train", "load_config", "check_data_roots", "check_pretrained", "main"]
@@ -160,6 +161,8 @@ def train(config: str, work_dir: str, cfg_options: Optional[dict] = None, resume
     cfg.resume = ckpt is not None
     cfg.load_from = ckpt
     cfg.pop("runner_type", None)
+    if isinstance(cfg.get("visualizer"), dict):  # a fresh visualizer per run (mmengine keeps instances by name)
+        cfg.visualizer["name"] = f"visualizer_{uuid.uuid4().hex[:12]}"
     runner = AGVMRunner.from_cfg(cfg)
     runner.train()
     hook = next(h for h in runner.hooks if isinstance(h, AGVMHook))
