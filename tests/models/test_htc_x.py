@@ -206,8 +206,8 @@ def test_tiny_uninet_htc_x_trains_and_predicts(synthetic_coco: str) -> None:
     totals = []
     for _ in range(3):
         log = model.train_step(batch, wrapper)
-        assert all(math.isfinite(float(v)) for v in log.values())
-        totals.append(float(log["loss"]))
+        assert all(math.isfinite(float(torch.as_tensor(v).detach())) for v in log.values())
+        totals.append(float(log["loss"].detach()))
     assert {"loss_glbctx", "loss_mask", "s0.loss_cls", "s2.loss_bbox", "loss_rpn_cls"} <= set(log)
     assert totals[-1] < totals[0], totals
     model.eval()
