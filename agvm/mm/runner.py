@@ -74,6 +74,25 @@ class AGVMRunner(Runner):
 
         return get_device()
 
+    def resume(self, filename: str, *args, **kwargs) -> None:
+        """Runner.resume from this run's own checkpoint. Such checkpoints hold mmengine's MessageHub
+        (HistoryBuffer with bound methods, pickled through ``getattr``), which torch >= 2.6's
+        weights-only loader refuses; the file was written by this runner into its work dir, so it is
+        loaded as a trusted file (weights_only=False) for this call only."""
+        import torch
+
+        original = torch.load
+
+        def trusted_load(*a, **k):
+            k.setdefault("weights_only", False)
+            return original(*a, **k)
+
+        torch.load = trusted_load
+        try:
+            super().resume(filename, *args, **kwargs)
+        finally:
+            torch.load = original
+
     def save_checkpoint(self, out_dir: str, filename: str, *args, **kwargs) -> None:
         """Runner.save_checkpoint into ``filename + '.tmp'``, then an atomic rename to ``filename``."""
         tmp = filename + ".tmp"

@@ -46,7 +46,8 @@ def test_pipeline_trains_and_evaluates(pipeline, synthetic_root, tmp_path):
         assert r["mu"]["backbone"] == 1.0  # the anchor
         assert all(0.0 <= v <= 2.0 for v in r["phi"].values())
         assert r["optimizer"] == "AGVMSGD" and r["batch_size"] == (4 if pipeline == "semantic_fpn" else 2)
-        assert r["lr"] > 0
+        assert r["lr"] >= 0  # mmengine's PolyLR reaches eta_min = 0 at its last step
+    assert records[0]["lr"] > 0
     assert any(r["mu"][m] != 1.0 for r in records for m in modules if m != "backbone")
     # atomic checkpoints: complete files only, no temporaries left behind
     assert glob.glob(osp.join(work, "*_*.pth")) and not glob.glob(osp.join(work, "*.tmp"))
