@@ -71,7 +71,9 @@ Behaviour
 """
 from __future__ import annotations
 
-import math
+import queue
+import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -132,6 +134,9 @@ class TwoHalfEstimator:
         self._group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         self._expected_numel = sum(p.numel() for p in params)
         self._pending: Optional[_Pending] = None
+        self._queue: Optional[queue.Queue] = None
+        # CPU buckets: measure on a worker thread (True) or on the autograd thread (False, as for CUDA)
+        self.threaded = True
 
     # -- the communication hook ---------------------------------------------------------------------
     def hook(self, bucket: dist.GradBucket) -> torch.futures.Future:
@@ -140,10 +145,33 @@ class TwoHalfEstimator:
         t = self.optimizer.t + 1
         if bucket.index() == 0 or self._pending is None or self._pending.t != t:
             self._pending = _Pending(t)  # a new backward pass: what an earlier one left is stale
-        return self._measure(bucket, self._pending)
-
-    def _measure(self, bucket: dist.GradBucket, pending: _Pending) -> torch.futures.Future:
+        pending = self._pending
         buf = bucket.buffer()
+        base = buf.storage_offset()
+        placed = [(p, g.storage_offset() - base) for p, g in zip(bucket.parameters(), bucket.gradients())]
+        pending.numel += buf.numel()
+        if buf.is_cuda or not self.threaded:  # CUDA: the collectives are stream-ordered, issuing them is cheap
+            return self._measure(buf, placed, pending)
+        fut: torch.futures.Future = torch.futures.Future()
+        self._worker().put((buf, placed, pending, fut))  # CPU: overlap with the rest of the backward
+        return fut
+
+    def _worker(self) -> "queue.Queue":
+        """One thread per hook that runs the CPU measurement buckets in order (so every group sees its
+        collectives in the same order on every rank) while autograd computes the next buckets."""
+        if self._queue is None:
+            self._queue = queue.Queue()
+            threading.Thread(target=_work, args=(self._queue, weakref.ref(self)), daemon=True,
+                             name="agvm-ddp-measure").start()
+        return self._queue
+
+    def __del__(self) -> None:
+        if getattr(self, "_queue", None) is not None:
+            self._queue.put(None)
+
+    def _measure(self, buf: torch.Tensor, placed: List[Tuple[torch.Tensor, int]], pending: _Pending,
+                 wait: bool = False):
+        """Steps 1-5 for one bucket: a future of the averaged bucket (or, with ``wait``, the tensor)."""
         n, h = buf.numel(), self.half_size
         s = -(-n // h)  # shard length (the bucket is zero-padded to h * s)
         if h > 1:
@@ -161,21 +189,25 @@ class TwoHalfEstimator:
         a, b = both[:s], both[s:]
         lo = self.index * s
         hi = min(lo + s, n)
-        self._shard_stats(bucket, buf, pending, lo, hi, a[: max(hi - lo, 0)], b[: max(hi - lo, 0)])  # 3.
-        pending.numel += n
+        self._shard_stats(placed, buf.device, pending, lo, hi, a[: max(hi - lo, 0)], b[: max(hi - lo, 0)])  # 3.
         mean = a.add(b).div_(2)  # 4.
         if h == 1:
-            fut: torch.futures.Future = torch.futures.Future(devices=[buf.device] if buf.is_cuda else None)
-            fut.set_result(mean)
-            return fut
-        full = buf.new_empty(h * s)
-        work = _all_gather(full, mean, self.half_group, async_op=True)  # 5.
-        return work.get_future().then(lambda _: full[:n])
+            result = mean
+        else:
+            result = buf.new_empty(h * s)
+            work = _all_gather(result, mean, self.half_group, async_op=not wait)  # 5.
+            if h * s != n:
+                result = result[:n]
+            if not wait:
+                return work.get_future().then(lambda _: result)
+        if wait:
+            return result
+        fut: torch.futures.Future = torch.futures.Future(devices=[buf.device] if buf.is_cuda else None)
+        fut.set_result(result)
+        return fut
 
-    def _shard_stats(self, bucket: dist.GradBucket, buf: torch.Tensor, pending: _Pending,
+    def _shard_stats(self, placed: List[Tuple[torch.Tensor, int]], device: torch.device, pending: _Pending,
                      lo: int, hi: int, a: torch.Tensor, b: torch.Tensor) -> None:
-        base = buf.storage_offset()
-        placed = [(p, g.storage_offset() - base) for p, g in zip(bucket.parameters(), bucket.gradients())]
         inside = [(p, off) for p, off in placed if off < hi and off + p.numel() > lo]
         if self.weighted:  # AdamW: the weights need g_t as the optimizer sees it; finish in stats()
             pending.records.append(_BucketRecord(lo, hi, a, b, inside))
@@ -196,7 +228,7 @@ class TwoHalfEstimator:
                 owners.append(owner)
             if p is not None:
                 owner, start, end = m, off, off + p.numel()
-        self._accumulate(pending, rows, owners, buf.device)
+        self._accumulate(pending, rows, owners, device)
 
     def _accumulate(self, pending: _Pending, rows: List[torch.Tensor], owners: List[int],
                     device: torch.device) -> None:
@@ -281,6 +313,23 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.permute(order).reshape(-1)
 
 
+def _work(jobs: "queue.Queue", ref: "weakref.ref[TwoHalfEstimator]") -> None:
+    """The measurement thread: buckets in arrival order; each future is completed with the averaged bucket.
+    It ends when its estimator is garbage-collected (``None`` is queued then)."""
+    while True:
+        job = jobs.get()
+        estimator = ref()
+        if job is None or estimator is None:
+            return
+        buf, placed, pending, fut = job
+        try:
+            result = estimator._measure(buf, placed, pending, wait=True)
+        except BaseException as e:  # noqa: BLE001 - handed to DDP, which raises it in backward()
+            fut.set_exception(e)
+        else:
+            fut.set_result(result)
+
+
 def _hook(state: TwoHalfEstimator, bucket: dist.GradBucket) -> torch.futures.Future:
     return state.hook(bucket)
 
@@ -301,11 +350,9 @@ def _groups(pg: dist.ProcessGroup) -> Tuple[Optional[dist.ProcessGroup], dist.Pr
         if h > 1:
             mine = ranks[:h] if r < h else ranks[h:]
             half = dist.new_group(list(mine), backend=backend, use_local_synchronization=True)
-        if w == 2:
-            pair = pg
-        else:
-            i = r % h
-            pair = dist.new_group([ranks[i], ranks[i + h]], backend=backend, use_local_synchronization=True)
+        # a group of its own even when W = 2: nothing else (DDP, SyncBatchNorm) issues collectives on it
+        i = r % h
+        pair = dist.new_group([ranks[i], ranks[i + h]], backend=backend, use_local_synchronization=True)
         _GROUP_CACHE[key] = (half, pair)
     return _GROUP_CACHE[key]
 

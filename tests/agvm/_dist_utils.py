@@ -123,7 +123,7 @@ def train_worker(rank: int, world: int, cfg: Dict[str, Any]) -> Dict[str, Any]:
     model = make_model(cfg)
     ddp = _ddp(model, cfg)
     opt = make_opt(model, cfg)
-    agvm.distributed.register_hook(ddp, opt)
+    agvm.distributed.register_hook(ddp, opt).threaded = cfg.get("threaded", True)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8) if cfg.get("amp") else None
     log: List[dict] = []
     _train(ddp, opt, rank, cfg, range(cfg["steps"]), scaler, log)

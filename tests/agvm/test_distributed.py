@@ -29,6 +29,8 @@ W_ATOL = 1e-6
 
 CFG = {
     "sgd": {"steps": 7, "optim": "sgd", "interval": 2},
+    # the measurement on the autograd thread, as for CUDA buckets (CPU buckets use a worker thread)
+    "sgd_unthreaded": {"steps": 7, "optim": "sgd", "interval": 2, "threaded": False},
     "adamw": {"steps": 6, "optim": "adamw", "interval": 2},
     # AdamW's weighted stats, no_sync gradient accumulation, and a parameter no rank uses
     "adamw_accum_unused": {"steps": 7, "optim": "adamw", "interval": 3, "accum": 2, "unused": True},
@@ -41,7 +43,7 @@ CFG = {
 
 @pytest.fixture(scope="module")
 def runs4():
-    names = ["sgd", "adamw_accum_unused", "amp_sgd", "amp_adamw", "traffic"]
+    names = ["sgd", "sgd_unthreaded", "adamw_accum_unused", "amp_sgd", "amp_adamw", "traffic"]
     runs = {n: ("traffic" if n == "traffic" else "train", CFG[n]) for n in names}
     return U.spawn(U.multi_worker, 4, {"runs": runs})
 
@@ -159,6 +161,14 @@ def test_step_without_hook_measurement_raises():
 @pytest.mark.parametrize("world", [2, 4])
 def test_sgd_matches_single_process(world, runs2, runs4):
     _check(_get(runs2 if world == 2 else runs4, "sgd"), U.reference(world, CFG["sgd"]))
+
+
+@pytest.mark.slow
+def test_unthreaded_path_matches_threaded(runs4):
+    a, b = _get(runs4, "sgd")[0], _get(runs4, "sgd_unthreaded")[0]
+    assert a["mu"] == b["mu"]
+    for k in a["weights"]:
+        assert torch.equal(a["weights"][k], b["weights"][k]), k
 
 
 @pytest.mark.slow
