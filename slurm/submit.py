@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import fnmatch
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -148,6 +149,9 @@ def submit_experiment(exp: Experiment, cluster: str = "slurm", only: Optional[Se
     if dry_run:
         log("dry run: nothing submitted")
         return {}
+    if cluster == "slurm" and not (shutil.which("sbatch") and shutil.which("srun")):
+        raise ExperimentError("no SLURM on this machine (sbatch / srun not on PATH): submit from a SLURM login node, "
+                              "or run here with --cluster local (subprocesses) or --cluster debug (in this process)")
     # jobs see the repository (the Trainer is unpickled by import) and the same python environment
     os.environ["PYTHONPATH"] = os.pathsep.join([str(exp.root)] + [p for p in os.environ.get("PYTHONPATH", "").split(
         os.pathsep) if p and Path(p).resolve() != exp.root.resolve()])

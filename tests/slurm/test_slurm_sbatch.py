@@ -116,3 +116,10 @@ def test_resubmitting_a_queued_chain_adds_nothing(fake_slurm, tmp_path, monkeypa
     sacct.chmod(0o755)
     assert submit_main(args) == 0
     assert len(scripts(fake_slurm)) == n
+
+
+def test_no_slurm_here_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch / srun
+    assert submit_main([str(REPO / "experiments" / "smoke"), "--work-dirs", str(tmp_path / "wd")]) == 2
+    assert "no SLURM on this machine" in capsys.readouterr().err
+    assert not (tmp_path / "wd").exists()
