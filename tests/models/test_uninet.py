@@ -1,7 +1,5 @@
 """UniNet (models/uninet.py): UniNet-G size per AGVM Table 4, strides / channels, windows on any input size,
 the 18-subset window/global split, timm and mmdet registration, activation checkpointing."""
-import os
-
 import pytest
 import torch
 
@@ -212,5 +210,18 @@ def test_mmdet_registry_build_and_pretrained_init(tmp_path):
     assert not any(m.training for m in bb2.modules() if isinstance(m, torch.nn.BatchNorm2d))
 
 
-if __name__ == "__main__":  # pragma: no cover
-    pytest.main([os.path.abspath(__file__), "-q", "-s"])
+@pytest.mark.slow
+def test_benchmark_cpu_smoke_checkpointing_saves_activations():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_uninet.py"
+    spec = importlib.util.spec_from_file_location("bench_uninet", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--device", "cpu", "--size", "64x96", "--batch", "2", "--iters", "1", "--warmup", "0",
+                       "--no-htcx"])
+    plain, ckpt = rows
+    assert plain["model"] == "uninet_tiny" and not plain["checkpointing"] and ckpt["checkpointing"]
+    assert plain["images_per_s"] > 0 and ckpt["images_per_s"] > 0
+    assert ckpt["saved_activations_mib"] < 0.6 * plain["saved_activations_mib"]
