@@ -23,23 +23,46 @@ import agvm
 IN, CLASSES, BATCH = 6, 3, 4
 
 
-class TinyNet(nn.Module):
-    """Three AGVM modules; ``head.unused`` gets no gradient when ``use_extra`` is False."""
+class SyncCenter(torch.autograd.Function):
+    """Subtracts the mean over every rank's batch: SyncBatchNorm's pattern of collectives (all-reduce on
+    the default group in forward and in backward) in a form that runs on CPU, where SyncBatchNorm
+    does not (it has no CPU kernels)."""
 
-    def __init__(self, unused: bool = False):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        total = x.sum(0, keepdim=True)
+        dist.all_reduce(total)
+        ctx.count = x.shape[0] * dist.get_world_size()
+        return x - total / ctx.count
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+        total = g.sum(0, keepdim=True)
+        dist.all_reduce(total)
+        return g - total / ctx.count
+
+
+class TinyNet(nn.Module):
+    """Three AGVM modules; ``unused`` (if built) gets no gradient; ``sync`` adds a cross-rank layer."""
+
+    def __init__(self, unused: bool = False, sync: bool = False):
         super().__init__()
         self.backbone = nn.Sequential(nn.Linear(IN, 12), nn.Tanh(), nn.Linear(12, 12), nn.Tanh())
         self.neck = nn.Linear(12, 8)
         self.head = nn.Linear(8, CLASSES)
         self.unused = nn.Linear(8, CLASSES) if unused else None
+        self.sync = sync
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.tanh(self.neck(self.backbone(x))))
+        h = self.backbone(x)
+        if self.sync:
+            h = SyncCenter.apply(h)
+        return self.head(torch.tanh(self.neck(h)))
 
 
 def make_model(cfg: Dict[str, Any]) -> TinyNet:
     torch.manual_seed(0)
-    return TinyNet(unused=cfg.get("unused", False))
+    return TinyNet(unused=cfg.get("unused", False), sync=cfg.get("sync", False))
 
 
 def make_opt(model: nn.Module, cfg: Dict[str, Any]):
@@ -128,6 +151,30 @@ def train_worker(rank: int, world: int, cfg: Dict[str, Any]) -> Dict[str, Any]:
     log: List[dict] = []
     _train(ddp, opt, rank, cfg, range(cfg["steps"]), scaler, log)
     return {**_result(model, opt), "log": log}
+
+
+def brute_force_worker(rank: int, world: int, cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """The reference inside DDP, for models whose ranks are coupled (``sync``): local gradients under
+    no_sync, all-gathered, G_A / G_B formed on every rank and handed to step(halves=...)."""
+    model = make_model(cfg)
+    ddp = _ddp(model, cfg)
+    opt = make_opt(model, cfg)
+    params = opt.params_in_order()
+    h = world // 2
+    for step in range(cfg["steps"]):
+        with ddp.no_sync():
+            x, y = batch(step, 0, rank)
+            loss_fn(ddp, x, y).backward()
+        ga, gb = [], []
+        for p in params:
+            parts = [torch.empty_like(p) for _ in range(world)]
+            dist.all_gather(parts, p.grad)
+            ga.append(sum(parts[:h]) / h)
+            gb.append(sum(parts[h:]) / h)
+            p.grad = (ga[-1] + gb[-1]) / 2
+        opt.step(halves=(ga, gb) if opt.should_measure() else None)
+        opt.zero_grad(set_to_none=True)
+    return _result(model, opt)
 
 
 def resume_worker(rank: int, world: int, cfg: Dict[str, Any]) -> Dict[str, Any]:
@@ -275,7 +322,7 @@ def reference(world: int, cfg: Dict[str, Any], split: Optional[Sequence[Sequence
     return _result(model, opt)
 
 
-WORKERS = {"train": train_worker, "resume": resume_worker, "traffic": traffic_worker, "error": error_worker}
+WORKERS = {"train": train_worker, "brute_force": brute_force_worker, "resume": resume_worker, "traffic": traffic_worker, "error": error_worker}
 
 
 def multi_worker(rank: int, world: int, cfg: Dict[str, Any]) -> Dict[str, Any]:

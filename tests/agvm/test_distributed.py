@@ -38,6 +38,8 @@ CFG = {
     "amp_sgd": {"steps": 8, "optim": "sgd", "interval": 2, "amp": True, "inf_steps": (3,)},
     "amp_adamw": {"steps": 8, "optim": "adamw", "interval": 2, "amp": True, "inf_steps": (3,)},
     "traffic": {"steps": 6, "interval": 3, "bucket_cap_mb": 0.001},
+    # a SyncBatchNorm-like layer: all-reduces on DDP's group in forward and backward
+    "sync": {"steps": 6, "optim": "sgd", "interval": 2, "sync": True},
 }
 
 
@@ -45,6 +47,8 @@ CFG = {
 def runs4():
     names = ["sgd", "sgd_unthreaded", "adamw_accum_unused", "amp_sgd", "amp_adamw", "traffic"]
     runs = {n: ("traffic" if n == "traffic" else "train", CFG[n]) for n in names}
+    runs["sync_hook"] = ("train", CFG["sync"])
+    runs["sync_brute_force"] = ("brute_force", CFG["sync"])
     return U.spawn(U.multi_worker, 4, {"runs": runs})
 
 
@@ -201,6 +205,14 @@ def test_gradscaler_skip_keeps_t_and_mu(optim, runs4):
     assert log[3]["t"] == log[2]["t"] == 3 and log[3]["mu"] == log[2]["mu"]
     assert log[4]["t"] == 4 and log[4]["mu"] != log[3]["mu"]
     _check(results, U.reference(4, CFG[f"amp_{optim}"], skip_steps=(3,)))
+
+
+@pytest.mark.slow
+def test_sync_layer_collectives_during_backward(runs4):
+    """With a layer that all-reduces on DDP's group in forward and backward (SyncBatchNorm's pattern), the
+    hook's result equals the brute-force reference (all local gradients all-gathered) in the same setting."""
+    hook, brute = _get(runs4, "sync_hook"), _get(runs4, "sync_brute_force")
+    _check(hook, brute[0])
 
 
 # -- resume --------------------------------------------------------------------------------------------
