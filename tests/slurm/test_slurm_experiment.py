@@ -172,3 +172,52 @@ def test_repository_experiments_are_valid(folder):
     assert exp.runs
     for run in exp.runs.values():
         assert run.paper is None or run.paper.count("/") >= 2, run.paper
+
+
+def _config_value(path: Path, pattern: str):
+    import re
+
+    m = re.search(pattern, path.read_text(), re.M)
+    return None if m is None else int(m.group(1))
+
+
+@pytest.mark.parametrize("folder", sorted(p.name for p in (REPO / "experiments").iterdir()
+                                          if (p / "experiment.yaml").is_file()))
+def test_repository_resources_match_the_configs(folder):
+    """Where a config records its total batch (auto_scale_lr.base_batch_size) and GPU count (num_gpus), the
+    experiment's batch and rank count agree with it (smoke sets its own small batch)."""
+    exp = load_experiment(REPO / "experiments" / folder)
+    for run in exp.runs.values():
+        path = exp.config_path(run)
+        base = _config_value(path, r"base_batch_size=(\d+)")
+        gpus = _config_value(path, r"^num_gpus = (\d+)")
+        if run.batch_size is None:
+            assert folder == "smoke", run.name
+            continue
+        if base is not None:
+            assert run.batch_size == base, run.name
+        if gpus is not None:
+            assert run.resources.world_size == gpus, (run.name, run.resources.world_size, gpus)
+
+
+def test_run_state_from_a_work_dir(tmp_path):
+    from slurm.state import run_state
+
+    wd = tmp_path / "run"
+    assert run_state(wd).state == "not submitted"
+    (wd / "20260101_000000" / "vis_data").mkdir(parents=True)
+    (wd / "20260101_000000" / "vis_data" / "scalars.json").write_text(
+        '{"lr": 0.1, "loss": 2.0, "iter": 20, "step": 20}\n{"lr": 0.1, "loss": 1.5, "iter": 40, "step": 40}\n'
+        '{"coco/bbox_mAP": 0.1, "step": 1}\n')
+    (wd / "epoch_3.pth").write_bytes(b"x")
+    st = run_state(wd)
+    assert (st.state, st.progress, st.last) == ("stopped", "iter 40", "loss 1.5")
+    (wd / "progress.json").write_text('{"iter": 7, "max_iters": 12, "loss": 0.25}')
+    assert run_state(wd).progress == "iter 7/12"
+    (wd / "metrics.json").write_text('{"coco/bbox_mAP": 0.368}')
+    st = run_state(wd)
+    assert st.state == "done"
+    from slurm.status import our_metric
+
+    assert our_metric(st.metrics, "box_ap") == "box_ap 36.8"
+    assert our_metric({"mIoU": 41.234}, "miou") == "miou 41.2"
