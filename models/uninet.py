@@ -15,10 +15,17 @@ References
   (heads = channels / 32), pre-norm GELU MLP with ratio = the stage's expansion, LayerScale (1e-6)
   on both branches, stochastic depth.
 
+Which variant (parameter counts on the meta device, backbone without head / classifier)
+- Built: Table 4 as written. The conv blocks are timm's ``EdgeResidual`` (Fused-MBConv: full 3x3
+  expansion conv + BN + GELU, 1x1 projection + BN, no squeeze-excite) in all of stages 0-3:
+  1,080,248,752 parameters (stage 5 alone 673,936,128); with the 1x1 head conv (1280) and a 21,841-class
+  classifier for ImageNet-22K pre-training 1,109,704,193. This is the reading of Table 4 that lands near
+  the paper's "1 billion"; the authors' classification code (MBConv + SE) scaled to Table 4 would be
+  ~0.87B, and the detector adds the neck and heads on top.
+- ``conv_block='mbconv'`` swaps in timm's ``InvertedResidual`` (1x1 expand + depth-wise 3x3, no SE):
+  796,531,720 parameters for UniNet-G.
+
 Implementation notes
-- The conv blocks are timm's ``EdgeResidual`` (Fused-MBConv: full 3x3 expansion conv + BN + GELU,
-  1x1 projection + BN; no squeeze-excite), i.e. Table 4 as written. ``conv_block='mbconv'`` uses timm's
-  ``InvertedResidual`` (1x1 expand + depth-wise 3x3) instead, the authors' classification variant.
 - Transformer tokens are kept as ``(B, H, W, C)``; windows pad H and W up to a multiple of the window
   and mask the padded keys, so any input size works (no square-grid assumption). Attention is
   ``torch.nn.functional.scaled_dot_product_attention``.
