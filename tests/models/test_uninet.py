@@ -77,6 +77,9 @@ def test_detection_split_18_subsets():
     assert sum(k.count("global") for k in kinds) == 18
     ws = [[b.window_size for b in s.blocks] for s in m.stages[4:]]
     assert set(ws[0]) == {28, None} and set(ws[1]) == {14, None}
+    m.set_window_sizes((16, 8))  # e.g. another fine-tuning resolution; the split is kept
+    assert m.attention_kinds() == kinds
+    assert {b.window_size for b in m.stages[4].blocks} == {16, None}
     with torch.device("meta"):
         plain = UniNet("g", with_head=False)
     assert all(k == "global" for s in plain.attention_kinds() for k in s)
