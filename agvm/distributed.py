@@ -30,9 +30,13 @@ Measurement steps, rank r = h * H + i in half h (0 = A, 1 = B), partner p = (1 -
 5. all-gather the full mean inside the own half: every rank ends with the whole averaged bucket,
    which DDP writes into ``p.grad`` as usual.
 
-Steps 1-3 run synchronously on the autograd thread (so every process group sees its collectives in
-the same order on every rank); step 5 is asynchronous and overlaps the rest of the backward pass.
-When ``opt.step()`` asks for the statistics (``opt.estimator.stats``), the [M, 3] float64 partial
+The collectives of steps 1-5 are issued in bucket order by one thread per process, so each process
+group sees them in the same order on every rank: for CPU (gloo) buckets a worker thread of the hook,
+which lets autograd go on with the next buckets meanwhile; for CUDA (NCCL) buckets the autograd thread
+itself (NCCL collectives are ordered on streams, so issuing them does not block the host; step 5 is
+asynchronous). The half and pair groups are used by the hook only (the pair group is a group of its
+own even when W = 2), so DDP's and SyncBatchNorm's collectives on DDP's group cannot interleave with
+them. When ``opt.step()`` asks for the statistics (``opt.estimator.stats``), the [M, 3] float64 partial
 sums are all-gathered inside the half and summed in rank order, so every rank gets bit-identical
 statistics (partners computed identical partials from identical shards) and hence identical mu.
 
@@ -62,12 +66,19 @@ Behaviour
 - torch.amp GradScaler: the halves are scaled by the loss scale, which cancels in the cosine. A step
   that GradScaler skips (inf/NaN gradients) does not call ``opt.step()``: t and mu are untouched and
   the next backward measures again for the same step.
-- SyncBatchNorm: its collectives run in forward/backward on DDP's group; the hook's collectives run on
-  the separate half and pair groups, issued in a fixed order, so they cannot interleave wrongly.
+- SyncBatchNorm: its collectives run in forward and backward on DDP's group; the hook's run on the
+  half and pair groups in a fixed order, so they cannot interleave wrongly (tested on CPU with a layer
+  that all-reduces as SyncBatchNorm does; SyncBatchNorm itself has no CPU kernels).
 - Unused parameters (``find_unused_parameters=True``): DDP hands the hook zeros for them, which is
   what the single-process computation does for a half whose samples did not reach a parameter.
-- The DDP process group must be the default (world) group or any group; the half and pair groups are
-  built from its ranks with the same backend and cached per rank list.
+- DDP's process group may be the world or any group: the half and pair groups are built from its ranks
+  (``new_group(..., use_local_synchronization=True)``, same backend) and cached per rank list, so a
+  second ``register_hook`` (e.g. after a resume) reuses them.
+- Checkpoints: nothing to save beyond ``opt.state_dict()``; after loading it, wrap the model in DDP
+  again and call ``register_hook`` again. A resumed run continues bit-identically when its first step
+  is not a measurement step (DDP rebuilds its buckets after the first iteration of a new DDP object,
+  which moves the shard boundaries and so the rounding of the per-module sums; with W > 2 the
+  order of DDP's own all-reduce sums changes with the buckets as well).
 """
 from __future__ import annotations
 

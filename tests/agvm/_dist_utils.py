@@ -113,7 +113,7 @@ def spawn(fn: Callable, world: int, cfg: Optional[Dict[str, Any]] = None) -> Lis
 def _ddp(model: nn.Module, cfg: Dict[str, Any]) -> nn.parallel.DistributedDataParallel:
     return nn.parallel.DistributedDataParallel(
         model, bucket_cap_mb=cfg.get("bucket_cap_mb", 0.0003),  # ~80 floats: many buckets, some span modules
-        find_unused_parameters=cfg.get("unused", False))
+        find_unused_parameters=cfg.get("unused", False), gradient_as_bucket_view=cfg.get("grad_view", False))
 
 
 def _train(ddp, opt, rank: int, cfg: Dict[str, Any], steps: Sequence[int], scaler=None, log=None) -> None:

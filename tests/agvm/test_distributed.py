@@ -31,7 +31,8 @@ CFG = {
     "sgd": {"steps": 7, "optim": "sgd", "interval": 2},
     # the measurement on the autograd thread, as for CUDA buckets (CPU buckets use a worker thread)
     "sgd_unthreaded": {"steps": 7, "optim": "sgd", "interval": 2, "threaded": False},
-    "adamw": {"steps": 6, "optim": "adamw", "interval": 2},
+    # p.grad as views into DDP's buckets: the AdamW weights read p.grad at step time
+    "adamw": {"steps": 6, "optim": "adamw", "interval": 2, "grad_view": True},
     # AdamW's weighted stats, no_sync gradient accumulation, and a parameter no rank uses
     "adamw_accum_unused": {"steps": 7, "optim": "adamw", "interval": 3, "accum": 2, "unused": True},
     # an inf loss on rank 0 at step index 3 (then t = 4, a measurement step): GradScaler skips it
