@@ -198,6 +198,8 @@ def train(cfg: Dict[str, Any], data_root: Optional[str] = None, work_dir: Option
     mcfg = cfg.get("mixup") or None
     mixup = None
     if mcfg and (mcfg.get("mixup_alpha", 0) > 0 or mcfg.get("cutmix_alpha", 0) > 0):
+        if bpg % 2:
+            raise ValueError(f"Mixup/CutMix mix pairs within a batch: data.batch_per_gpu must be even, got {bpg}")
         mixup = Mixup(num_classes=num_classes, **mcfg)
         criterion: nn.Module = SoftTargetCrossEntropy()
     else:
