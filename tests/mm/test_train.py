@@ -94,3 +94,13 @@ def test_exp_warmup_schedule():
         steps.step()
     expected = [0.001 ** (1 - t / 3) for t in range(4)] + [1.0, 1.0, 0.1, 0.1]
     assert lrs == pytest.approx(expected, rel=1e-9)
+
+
+def test_cli_options_and_missing_config(tmp_path):
+    from agvm.mm.train import _parse_options, main
+
+    o = _parse_options(["dataset=synthetic", "train_cfg.max_epochs=1", "model.neck.in_channels=[64,128]"])
+    assert o == {"dataset": "synthetic", "train_cfg.max_epochs": 1, "model.neck.in_channels": [64, 128]}
+    assert _parse_options([]) == {}
+    with pytest.raises(FileNotFoundError, match="config file not found"):
+        main([str(tmp_path / "nope.py"), "--work-dir", str(tmp_path / "w")])
