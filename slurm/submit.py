@@ -255,9 +255,14 @@ def _run_here(submitit, exp: Experiment, run: Run, spec: RunSpec, cluster: str, 
         else:
             job.results()  # every task (rank) of the job
     except Exception as err:  # noqa: BLE001 - report and go on with independent runs
-        msg = str(err).strip().splitlines()
-        log(f"{run.name}: FAILED after {time.time() - t0:.1f} s: {msg[-1] if msg else type(err).__name__}")
-        return f"failed: {msg[-1] if msg else type(err).__name__}"
+        from .state import _error_of
+
+        lines = [x.strip() for x in str(err).strip().splitlines() if x.strip()]
+        msg = _error_of({"folder": str(job.paths.folder), "job_id": str(job.job_id)}) \
+            or next((x for x in reversed(lines) if "Error" in x or "Exception" in x), None) \
+            or (lines[-1] if lines else type(err).__name__)
+        log(f"{run.name}: FAILED after {time.time() - t0:.1f} s: {msg} (logs: {job.paths.stderr})")
+        return f"failed: {msg}"
     log(f"{run.name}: done in {time.time() - t0:.1f} s -> {wd / 'metrics.json'}")
     return "done"
 
