@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .experiment import Experiment, ExperimentError, Run, load_experiment
-from .state import ACTIVE_SLURM_STATES, read_json, run_dir, run_state, work_dirs_root
+from .state import run_dir, run_state, work_dirs_root
 from .trainer import RunSpec, Trainer, write_json_atomic
 
 __all__ = ["main", "plan", "select_runs", "make_spec", "executor_parameters", "submit_experiment"]

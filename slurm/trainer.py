@@ -26,7 +26,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional
 
 __all__ = ["RunSpec", "Trainer", "DistInfo", "setup_distributed", "resolve_entry_point", "final_checkpoint",
            "write_json_atomic", "METRICS_FILE"]
