@@ -615,3 +615,17 @@ def uninet_b0(pretrained: bool = False, **kwargs: Any) -> UniNet:
 def uninet_tiny(pretrained: bool = False, **kwargs: Any) -> UniNet:
     """A tiny member for tests and CPU runs (same code, small widths / depths)."""
     return _create("uninet_tiny", "tiny", pretrained, **kwargs)
+
+
+def _main() -> None:
+    """``python -m models.uninet``: parameter counts of the family, built on the meta device (no memory)."""
+    for name in ARCHS:
+        with torch.device("meta"):
+            backbone = UniNet(name, with_head=False)
+            full = UniNet(name, num_classes=21841 if name == "g" else 1000)
+        print(f"uninet_{name}: backbone {count_params(backbone):,} parameters; "
+              f"with head + {full.num_classes}-class classifier {count_params(full):,}")
+
+
+if __name__ == "__main__":
+    _main()
