@@ -54,3 +54,28 @@ def test_smoke_local(smoke_env, capsys):
 @pytest.mark.mm
 def test_smoke_debug(smoke_env, capsys):
     _check(smoke_env, "debug", capsys)
+
+
+@pytest.mark.slow
+@pytest.mark.mm
+def test_smoke_config_on_two_gloo_ranks(smoke_env, tmp_path):
+    """The smoke run as 2 ranks through the local executor: the launcher's gloo process group is used by
+    mmengine's DDP and the AGVM hook (agvm.distributed) measures across the two ranks."""
+    import yaml
+
+    pytest.importorskip("agvm.distributed")
+    data = yaml.safe_load((SMOKE / "experiment.yaml").read_text())
+    run = data["runs"][0]
+    run["name"] = "ddp2"
+    run["resources"]["tasks_per_node"] = 2
+    run["cfg_options"]["train_dataloader.batch_size"] = 2  # per rank: 4 in all, as in the one-rank smoke
+    folder = tmp_path / "experiments" / "ddp"
+    folder.mkdir(parents=True)
+    (folder / "experiment.yaml").write_text(yaml.safe_dump(data))
+    assert submit_main([str(folder), "--cluster", "local", "--root", str(REPO), "--work-dirs", str(smoke_env)]) == 0
+    wd = smoke_env / "ddp" / "ddp2"
+    attempt = json.loads((wd / "attempts.jsonl").read_text().splitlines()[0])
+    assert attempt["world_size"] == 2 and attempt["backend"] == "gloo"
+    logs = [json.loads(x) for x in (wd / "agvm_variance.jsonl").read_text().splitlines()]
+    assert [x["iter"] for x in logs] == [2, 4] and all(x["batch_size"] == 4 for x in logs)
+    assert "coco/bbox_mAP" in json.loads((wd / "metrics.json").read_text())
