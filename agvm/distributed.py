@@ -185,14 +185,14 @@ class TwoHalfEstimator:
         """Steps 1-5 for one bucket: a future of the averaged bucket (or, with ``wait``, the tensor)."""
         n, h = buf.numel(), self.half_size
         s = -(-n // h)  # shard length (the bucket is zero-padded to h * s)
-        if h > 1:
-            src = buf
+        if h > 1:  # divided before the sum, as DDP does, so that half precision does not overflow
             if h * s != n:
                 src = buf.new_zeros(h * s)
-                src[:n] = buf
+                torch.div(buf, h, out=src[:n])
+            else:
+                src = buf.div_(h)
             shard = buf.new_empty(s)
-            _reduce_scatter(shard, src, self.half_group)  # 1. sum inside the half
-            shard.div_(h)
+            _reduce_scatter(shard, src, self.half_group)  # 1. the half's mean, shard i
         else:
             shard = buf
         both = buf.new_empty(2 * s)
@@ -201,7 +201,7 @@ class TwoHalfEstimator:
         lo = self.index * s
         hi = min(lo + s, n)
         self._shard_stats(placed, buf.device, pending, lo, hi, a[: max(hi - lo, 0)], b[: max(hi - lo, 0)])  # 3.
-        mean = a.add(b).div_(2)  # 4.
+        mean = a.div(2).add_(b, alpha=0.5)  # 4. (a + b) / 2 rounded once, without overflow
         if h == 1:
             result = mean
         else:
