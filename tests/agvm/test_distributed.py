@@ -216,6 +216,17 @@ def test_sync_layer_collectives_during_backward(runs4):
     _check(hook, brute[0])
 
 
+@pytest.mark.slow
+def test_six_ranks_matches_single_process():
+    """H = 3: buckets zero-padded to a multiple of 3, a half mean that is not a power-of-two division."""
+    runs = {"sgd": ("train", CFG["sgd"]), "adamw": ("train", CFG["adamw_accum_unused"]),
+            "traffic": ("traffic", CFG["traffic"])}
+    results = U.spawn(U.multi_worker, 6, {"runs": runs})
+    _check(_get(results, "sgd"), U.reference(6, CFG["sgd"]))
+    _check(_get(results, "adamw"), U.reference(6, CFG["adamw_accum_unused"]))
+    _check_traffic(_get(results, "traffic")[0], 6)
+
+
 # -- resume --------------------------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("optim", ["sgd", "adamw"])
@@ -252,7 +263,10 @@ def _ring_bytes(records) -> float:
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_measurement_step_traffic_equals_plain_step(world, runs2, runs4):
-    r = _get(runs2 if world == 2 else runs4, "traffic")[0]
+    _check_traffic(_get(runs2 if world == 2 else runs4, "traffic")[0], world)
+
+
+def _check_traffic(r, world: int) -> None:
     plain = [s for s in r["per_step"] if not s["measure"]]
     meas = [s for s in r["per_step"] if s["measure"]]
     assert len(meas) == 2 and len(plain) == 4
@@ -271,7 +285,8 @@ def test_measurement_step_traffic_equals_plain_step(world, runs2, runs4):
         assert ops.count("reduce_scatter") == (buckets if h > 1 else 0)
         ratio = _ring_bytes(s["records"]) / plain_bytes
         # extra: (H-1) * M * 3 float64 of statistics, and the zero padding of each bucket to a multiple of
-        # H elements (< H), which costs 4 (2H - 1) (H - 1) / H < 8 (H - 1) bytes per bucket
+        # H elements (< H), which costs 4 (2H - 1) (H - 1) / H < 8 (H - 1) bytes per bucket. For this
+        # 371-parameter net that is up to 6 % at W = 6; for a real network it is nil.
         extra = (h - 1) * r["modules"] * 3 * 8 + 8 * (h - 1) * buckets
         assert 1.0 - 1e-12 <= ratio <= 1.0 + extra / plain_bytes + 1e-12, ratio
-        assert ratio < 1.05  # the authors' scheme moves about 3x
+        assert ratio < 1.1  # the authors' scheme moves about 3x
