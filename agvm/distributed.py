@@ -329,16 +329,20 @@ def _work(jobs: "queue.Queue", ref: "weakref.ref[TwoHalfEstimator]") -> None:
     It ends when its estimator is garbage-collected (``None`` is queued then)."""
     while True:
         job = jobs.get()
-        estimator = ref()
-        if job is None or estimator is None:
+        if job is None or ref() is None:
             return
-        buf, placed, pending, fut = job
-        try:
-            result = estimator._measure(buf, placed, pending, wait=True)
-        except BaseException as e:  # noqa: BLE001 - handed to DDP, which raises it in backward()
-            fut.set_exception(e)
-        else:
-            fut.set_result(result)
+        _run_job(ref(), *job)
+        del job  # hold nothing (the estimator, its tensors) while waiting for the next bucket
+
+
+def _run_job(estimator: TwoHalfEstimator, buf: torch.Tensor, placed: List[Tuple[torch.Tensor, int]],
+             pending: _Pending, fut: torch.futures.Future) -> None:
+    try:
+        result = estimator._measure(buf, placed, pending, wait=True)
+    except BaseException as e:  # noqa: BLE001 - handed to DDP, which raises it in backward()
+        fut.set_exception(e)
+    else:
+        fut.set_result(result)
 
 
 def _hook(state: TwoHalfEstimator, bucket: dist.GradBucket) -> torch.futures.Future:
