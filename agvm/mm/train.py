@@ -170,6 +170,9 @@ def train(config: str, work_dir: str, cfg_options: Optional[dict] = None, resume
     if runner.val_loop is not None and (metrics is None or hook.last_metrics_iter != runner.iter):
         metrics = runner.val()
     metrics = {k: _to_float(v) for k, v in (metrics or {}).items()}
+    if not metrics:
+        runner.logger.warning("the evaluation returned no metrics (e.g. no detection above the score threshold); "
+                              "metrics.json is an empty dict")
     if is_main_process():
         _write_json_atomic(osp.join(cfg.work_dir, "metrics.json"), metrics)
     return metrics

@@ -53,3 +53,23 @@ def test_pipeline_trains_and_evaluates(pipeline, synthetic_root, tmp_path):
     assert glob.glob(osp.join(work, "*_*.pth")) and not glob.glob(osp.join(work, "*.tmp"))
     # TensorBoard scalars written by the visualizer backend
     assert glob.glob(osp.join(work, "*", "vis_data", "events.out.tfevents.*"))
+
+
+def test_authors_code_variant(synthetic_root, tmp_path):
+    """The authors'-code config: exponential warm-up, clip window, AGVM from start_iter (mu stays 1
+    before it), ratio clip, all reaching the optimizer / wrapper through the config."""
+    from agvm.mm.train import train
+
+    config = osp.join(ROOT, "configs", "faster_rcnn", "authors_code", "faster_rcnn_r50_bs256_agvm_sgd.py")
+    work = str(tmp_path / "work")
+    options = tiny_options("faster_rcnn", synthetic_root, **{
+        "param_scheduler": [dict(type="ExpWarmupLR", start_factor=0.01, by_epoch=False, begin=0, end=3)],
+        "optim_wrapper.clip_window": (1, 3), "optim_wrapper.optimizer.start_iter": 3})
+    train(config, work, options, resume=False)
+    with open(osp.join(work, "agvm_variance.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    assert [r["iter"] for r in records] == [2, 4]
+    assert all(v == 1.0 for v in records[0]["mu"].values())  # before start_iter: Phi measured, mu kept
+    assert all(v is not None for v in records[0]["phi"].values())
+    assert any(v != 1.0 for v in records[1]["mu"].values())
+    assert records[0]["lr"] == pytest.approx(0.16 * 2 ** 0.5 * 0.01 ** 0.5)  # exp. warm-up, step 1 of 0..2
