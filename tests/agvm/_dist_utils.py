@@ -214,7 +214,7 @@ def resume_worker(rank: int, world: int, cfg: Dict[str, Any]) -> Dict[str, Any]:
 
 def traffic_worker(rank: int, world: int, cfg: Dict[str, Any]) -> Dict[str, Any]:
     """Bytes the hook hands to torch.distributed per step, by patching the collectives it can call."""
-    records: List[Tuple[str, int, int]] = []  # (op, group size, bytes handed in / out)
+    records: List[Tuple[str, int, int, int]] = []  # (op, group size, bytes handed in, bytes out)
     names = ("all_reduce", "reduce_scatter_tensor", "reduce_scatter_single", "all_gather_into_tensor",
              "all_gather_single", "all_gather", "broadcast", "reduce_scatter", "all_to_all", "all_to_all_single",
              "send", "recv", "isend", "irecv", "batch_isend_irecv", "gather", "scatter", "reduce")
@@ -273,17 +273,6 @@ def traffic_worker(rank: int, world: int, cfg: Dict[str, Any]) -> Dict[str, Any]
             "modules": len(opt.modules)}
 
 
-def error_worker(rank: int, world: int, cfg: Dict[str, Any]) -> Dict[str, Any]:
-    model = make_model(cfg)
-    ddp = _ddp(model, cfg)
-    opt = make_opt(model, cfg)
-    try:
-        agvm.distributed.register_hook(ddp, opt)
-    except (ValueError, TypeError) as e:
-        return {"raised": type(e).__name__, "message": str(e)}
-    return {"raised": None}
-
-
 # -- the single-process reference -------------------------------------------------------------------
 def reference(world: int, cfg: Dict[str, Any], split: Optional[Sequence[Sequence[int]]] = None,
               skip_steps: Sequence[int] = ()) -> Dict[str, Any]:
@@ -322,7 +311,8 @@ def reference(world: int, cfg: Dict[str, Any], split: Optional[Sequence[Sequence
     return _result(model, opt)
 
 
-WORKERS = {"train": train_worker, "brute_force": brute_force_worker, "resume": resume_worker, "traffic": traffic_worker, "error": error_worker}
+WORKERS = {"train": train_worker, "brute_force": brute_force_worker, "resume": resume_worker,
+           "traffic": traffic_worker}
 
 
 def multi_worker(rank: int, world: int, cfg: Dict[str, Any]) -> Dict[str, Any]:
