@@ -359,6 +359,8 @@ def _groups(pg: dist.ProcessGroup) -> Tuple[Optional[dist.ProcessGroup], dist.Pr
     ranks = tuple(dist.get_process_group_ranks(pg))
     backend = dist.get_backend(pg)
     key = (str(backend), ranks)
+    if key in _GROUP_CACHE and not all(_alive(g) for g in _GROUP_CACHE[key] if g is not None):
+        del _GROUP_CACHE[key]  # destroy_process_group() ran since (e.g. a re-initialised world)
     if key not in _GROUP_CACHE:
         w, h, r = len(ranks), len(ranks) // 2, pg.rank()
         half = None
@@ -370,6 +372,15 @@ def _groups(pg: dist.ProcessGroup) -> Tuple[Optional[dist.ProcessGroup], dist.Pr
         pair = dist.new_group([ranks[i], ranks[i + h]], backend=backend, use_local_synchronization=True)
         _GROUP_CACHE[key] = (half, pair)
     return _GROUP_CACHE[key]
+
+
+def _alive(group: dist.ProcessGroup) -> bool:
+    """Whether ``group`` is still registered (destroy_process_group() unregisters every group)."""
+    try:
+        dist.get_process_group_ranks(group)
+    except (KeyError, ValueError, RuntimeError):
+        return False
+    return True
 
 
 def _check_params(ddp: DistributedDataParallel, optimizer: AGVMMixin) -> None:
