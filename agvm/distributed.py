@@ -47,9 +47,9 @@ zero padding of a bucket whose length is not a multiple of H (< H elements per b
 The authors' code instead all-reduces inside the group, all-gathers and all-reduces again: about
 three times a plain step.
 
-AdamW (Alg. 2): each element is weighted by 1 / (sqrt(v_t) + eps)^2 with v_t = beta2 * v_{t-1} +
+AdamW (Alg. 2): each element of both halves is divided by sqrt(v_t) + eps with v_t = beta2 * v_{t-1} +
 (1 - beta2) * g_t^2 and g_t the full mean gradient as the optimizer sees it at ``step()`` (after
-GradScaler's unscale and any gradient clipping, exactly as ``AGVMAdamW._stat_weights``). The hook
+GradScaler's unscale and any gradient clipping, exactly as ``AGVMAdamW``, through the same ``agvm.variance.adam_denominator_``). The hook
 therefore keeps this rank's G_A / G_B shards (2 n / H elements per bucket, measurement steps only)
 and computes the weighted partial sums in ``stats()`` from the shard's slice of ``p.grad`` and
 ``exp_avg_sq``, with the same float32 arithmetic as the single-process optimizer.
@@ -95,6 +95,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .optim._base import AGVMMixin
 from .optim.agvm_adamw import AGVMAdamW
+from .variance import adam_denominator_, pair_stats
 
 __all__ = ["register_hook", "TwoHalfEstimator"]
 
@@ -235,7 +236,7 @@ class TwoHalfEstimator:
             if owner >= 0:
                 x0, x1 = max(start, lo) - lo, min(end, hi) - lo
                 av, bv = a[x0:x1].float(), b[x0:x1].float()
-                rows.append(torch.stack([av.dot(bv), av.dot(av), bv.dot(bv)]))
+                rows.append(pair_stats(av, bv))
                 owners.append(owner)
             if p is not None:
                 owner, start, end = m, off, off + p.numel()
@@ -278,7 +279,7 @@ class TwoHalfEstimator:
         return partial.cpu()
 
     def _weighted_stats(self, pending: _Pending) -> None:
-        """AdamW's weighted sums on the kept shards, with ``AGVMAdamW._stat_weights``'s arithmetic."""
+        """AdamW's weighted sums on the kept shards, with the single-process optimizer's arithmetic."""
         device = pending.records[0].a.device if pending.records else torch.device("cpu")
         rows: List[torch.Tensor] = []
         owners: List[int] = []
@@ -290,16 +291,12 @@ class TwoHalfEstimator:
                 x0, x1 = max(off, rec.lo), min(off + p.numel(), rec.hi)
                 group = self._group_of[id(p)]
                 beta2, eps = group["betas"][1], group["eps"]
-                grad = _flat(p.grad)[x0 - off: x1 - off]
-                v_t = grad.float().square().mul_(1 - beta2)
                 v = state.get(p, {}).get("exp_avg_sq")
-                if v is not None:
-                    v_t.add_(_flat(v)[x0 - off: x1 - off].float(), alpha=beta2)
-                w = v_t.sqrt_().add_(eps).square_().reciprocal_()
+                d = adam_denominator_(_flat(p.grad)[x0 - off: x1 - off], None if v is None else
+                                      _flat(v)[x0 - off: x1 - off], beta2, eps)
                 av = rec.a[x0 - rec.lo: x1 - rec.lo].float()
                 bv = rec.b[x0 - rec.lo: x1 - rec.lo].float()
-                aw = av * w
-                rows.append(torch.stack([aw.dot(bv), aw.dot(av), (bv * w).dot(bv)]))
+                rows.append(pair_stats(av / d, bv / d))
                 owners.append(self._module_of[id(p)])
         self._accumulate(pending, rows, owners, device)
 

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
 logger = logging.getLogger("agvm")
 
-__all__ = ["module_stats", "adam_denominator", "phi_from_stats", "Modulator"]
+__all__ = ["module_stats", "pair_stats", "adam_denominator_", "phi_from_stats", "Modulator"]
 
 
 def module_stats(
@@ -31,23 +31,29 @@ def module_stats(
     gb: Sequence[Optional[torch.Tensor]],
     module_ids: Sequence[int],
     num_modules: int,
-    denom: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    denom: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
 ) -> torch.Tensor:
     """Per-module (dot, |a|^2, |b|^2) as a float64 CPU tensor of shape [num_modules, 3].
 
     ``ga[k]``, ``gb[k]`` belong to module ``module_ids[k]``; ``None`` entries are zero gradients
-    (a parameter no sample of that half reached). With ``denom`` (AdamW's sqrt(v_t) + eps, see
-    ``adam_denominator``) both halves are divided by it element-wise first. Sums are float32
-    reductions on the tensors' device, one per tensor and quantity, moved to the CPU once.
+    (a parameter no sample of that half reached). ``denom(k, out)``, if given, writes the element-wise
+    divisor of tensor k's halves into the flat float32 buffer ``out`` and returns it (AdamW's
+    sqrt(v_t) + eps, see ``adam_denominator_``). Sums are float32 reductions on the tensors' device,
+    moved to the CPU once.
     """
     if not (len(ga) == len(gb) == len(module_ids)):
         raise ValueError(
             f"halves must hold one tensor per optimizer parameter: got {len(ga)} and {len(gb)} "
             f"tensors for {len(module_ids)} parameters"
         )
-    aa_list: List[torch.Tensor] = []
-    bb_list: List[torch.Tensor] = []
+    rows: List[torch.Tensor] = []
     owners: List[int] = []
+    scratch: Dict[torch.device, torch.Tensor] = {}  # reused for every tensor: no allocation per tensor
+    if denom is not None:
+        for a, b in zip(ga, gb):
+            x = a if a is not None else b
+            if x is not None and x.numel() > scratch.get(x.device, torch.empty(0)).numel() // 3:
+                scratch[x.device] = torch.empty(3 * x.numel(), dtype=torch.float32, device=x.device)
     for k, (a, b) in enumerate(zip(ga, gb)):
         if a is None and b is None:
             continue
@@ -56,35 +62,39 @@ def module_stats(
             b = torch.zeros_like(a) if b is None else b
         if a.shape != b.shape:
             raise ValueError(f"halves differ in shape at parameter {k}: {tuple(a.shape)} vs {tuple(b.shape)}")
-        aa_list.append(a.detach().reshape(-1).float())
-        bb_list.append(b.detach().reshape(-1).float())
+        a = a.detach().reshape(-1).float()
+        b = b.detach().reshape(-1).float()
+        if denom is not None:
+            buf = scratch[a.device]
+            n = a.numel()
+            d = denom(k, buf[:n])
+            a = torch.div(a, d, out=buf[n:2 * n])
+            b = torch.div(b, d, out=buf[2 * n:3 * n])
+        rows.append(pair_stats(a, b))
         owners.append(module_ids[k])
     stats = torch.zeros(num_modules, 3, dtype=torch.float64)
-    if not owners:
-        return stats
-    if denom is not None:
-        d = [denom[k].detach().reshape(-1).float() for k, (a, b) in enumerate(zip(ga, gb))
-             if a is not None or b is not None]
-        aa_list = torch._foreach_div(aa_list, d)
-        bb_list = torch._foreach_div(bb_list, d)
-    rows = torch.stack([torch.stack([a.dot(b), a.dot(a), b.dot(b)]) for a, b in zip(aa_list, bb_list)])
-    stats.index_add_(0, torch.tensor(owners, dtype=torch.long), rows.to("cpu", torch.float64))
+    if rows:
+        stats.index_add_(0, torch.tensor(owners, dtype=torch.long), torch.stack(rows).to("cpu", torch.float64))
     return stats
 
 
-def adam_denominator(
-    grads: Sequence[torch.Tensor], exp_avg_sqs: Sequence[Optional[torch.Tensor]], beta2: float, eps: float
-) -> List[torch.Tensor]:
-    """sqrt(v_t) + eps with v_t = beta2 * v_{t-1} + (1 - beta2) * g_t^2 (v_{t-1} = 0 when None): the
-    preconditioner of Alg. 2, for the second moment *after* this step's update. float32, new tensors."""
-    out = torch._foreach_mul([g.float() for g in grads], [g.float() for g in grads])
-    torch._foreach_mul_(out, 1.0 - beta2)
-    prev = [(i, v) for i, v in enumerate(exp_avg_sqs) if v is not None]
-    if prev:
-        torch._foreach_add_([out[i] for i, _ in prev], [v.float() for _, v in prev], alpha=beta2)
-    torch._foreach_sqrt_(out)
-    torch._foreach_add_(out, eps)
-    return out
+def pair_stats(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(a.b, a.a, b.b) of two flat tensors, as a 3-vector on their device."""
+    return torch.stack([a.dot(b), a.dot(a), b.dot(b)])
+
+
+def adam_denominator_(
+    grad: torch.Tensor, exp_avg_sq: Optional[torch.Tensor], beta2: float, eps: float,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """sqrt(v_t) + eps, flat float32 (into ``out`` if given), with v_t = beta2 * v_{t-1} + (1 - beta2) * g_t^2
+    (v_{t-1} = 0 when None): Alg. 2's preconditioner for the second moment *after* this step's update."""
+    g = grad.detach().reshape(-1).float()
+    out = torch.mul(g, g, out=out) if out is not None else g * g
+    out.mul_(1.0 - beta2)
+    if exp_avg_sq is not None:
+        out.add_(exp_avg_sq.detach().reshape(-1).float(), alpha=beta2)
+    return out.sqrt_().add_(eps)
 
 
 def phi_from_stats(stats: torch.Tensor) -> torch.Tensor:

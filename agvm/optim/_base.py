@@ -115,8 +115,9 @@ class AGVMMixin:
         ga, gb = halves
         return module_stats(ga, gb, self.module_ids(), len(self.modulator.modules), self._stat_denominators())
 
-    def _stat_denominators(self) -> Optional[List[Optional[torch.Tensor]]]:
-        """Element-wise divisors of the halves before the stats (AdamW's preconditioner); None for SGD."""
+    def _stat_denominators(self) -> Optional[Callable[[int, torch.Tensor], torch.Tensor]]:
+        """``denom(k, out)`` for ``module_stats``: the element-wise divisor of parameter k's halves
+        (AdamW's preconditioner); None for SGD."""
         return None
 
     @contextmanager

@@ -10,11 +10,11 @@ torch.optim.AdamW's with lr = group lr * mu_i (weight decay included, as in Alg.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
-from ..variance import adam_denominator
+from ..variance import adam_denominator_
 from ._base import AGVMMixin
 
 
@@ -45,16 +45,14 @@ class AGVMAdamW(AGVMMixin, torch.optim.AdamW):
                          foreach=foreach, maximize=maximize, fused=fused)
         self._agvm_init(interval, alpha, mu_clip, var_eps, anchor, ratio_clip, start_iter)
 
-    def _stat_denominators(self) -> List[Optional[torch.Tensor]]:
-        """sqrt(v_t) + eps per parameter, v_t the second moment this step's update will hold.
+    def _stat_denominators(self) -> Callable[[int, torch.Tensor], torch.Tensor]:
+        """``denom(k, out)``: sqrt(v_t) + eps of parameter k, v_t the second moment this step's update
+        will hold, computed from v_{t-1} (zero before the first step) and p.grad without touching the
+        state, so the measurement sees the v_t of Alg. 2 and the update stays torch's own."""
+        where = [(p, g["betas"][1], g["eps"]) for g in self.param_groups for p in g["params"]]
 
-        Computed from v_{t-1} (zero before the first step) and p.grad without touching the state, so
-        the measurement sees the v_t of Alg. 2 and the update stays torch's own.
-        """
-        out: List[Optional[torch.Tensor]] = []
-        for g in self.param_groups:
-            params = [p for p in g["params"] if p.grad is not None]
-            dens = iter(adam_denominator([p.grad for p in params], [self.state.get(p, {}).get("exp_avg_sq") for p in params],
-                                         g["betas"][1], g["eps"]) if params else [])
-            out += [None if p.grad is None else next(dens) for p in g["params"]]
-        return out
+        def denom(k: int, out: torch.Tensor) -> torch.Tensor:
+            p, beta2, eps = where[k]
+            return adam_denominator_(p.grad, self.state.get(p, {}).get("exp_avg_sq"), beta2, eps, out=out)
+
+        return denom
