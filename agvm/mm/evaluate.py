@@ -319,6 +319,25 @@ def _is_classification_config(config: str) -> bool:
     return bool(re.search(r"^model\s*=\s*dict\(\s*\n?\s*name\s*=", text, re.M)) and "_base_" not in text
 
 
+def _keep_synthetic_size(config: str, options: dict) -> dict:
+    """A run's dumped config (``<work_dir>/<name>.py``) already has the synthetic data applied at its image size;
+    ``load_config`` applies it again, at its default size unless told: keep the size the run used."""
+    if "synthetic_image_size" in options:
+        return options
+    from mmengine.config import Config
+
+    raw = Config.fromfile(config)
+    if options.get("dataset", raw.get("dataset")) != "synthetic" or raw.get("dataset") != "synthetic":
+        return options
+    pipeline = ((raw.get("test_dataloader") or {}).get("dataset") or {}).get("pipeline") or []
+    for step in pipeline:
+        if step.get("type") == "Resize" and step.get("scale"):
+            scale = step["scale"]
+            options["synthetic_image_size"] = int(scale[0] if isinstance(scale, (list, tuple)) else scale)
+            break
+    return options
+
+
 def evaluate(config: str, checkpoint: str, cfg_options: Optional[dict] = None, work_dir: Optional[str] = None,
              unsafe_load: bool = False, data_root: Optional[str] = None, split: str = "val") -> Dict[str, float]:
     """Load ``checkpoint`` into ``config``'s model and evaluate with the config's test metric; returns the metrics."""
@@ -332,12 +351,16 @@ def evaluate(config: str, checkpoint: str, cfg_options: Optional[dict] = None, w
 
     from agvm.mm.train import check_data_roots, load_config
 
+    cfg_options = _keep_synthetic_size(config, dict(cfg_options or {}))
     cfg = load_config(config, cfg_options)
     if not cfg.get("test_dataloader") or not cfg.get("test_evaluator"):
         raise ValueError(f"{config} has no test_dataloader / test_evaluator: nothing to evaluate with")
     for key in ("train_dataloader", "train_cfg", "optim_wrapper", "param_scheduler", "val_dataloader", "val_cfg",
                 "val_evaluator", "auto_scale_lr"):
         cfg[key] = None
+    if cfg.get("custom_hooks"):  # training-time hooks (AGVM logging, a run's own progress hooks) play no part here
+        print(f"[evaluate] ignoring the config's custom_hooks: {[h.get('type') for h in cfg.custom_hooks]}")
+        cfg.custom_hooks = []
     if cfg.get("dataset") == "synthetic":
         from agvm.mm.synthetic import ensure
 
