@@ -12,7 +12,9 @@ logging hook)::
 - ``mu`` figure (Fig. 3 companion): the modulation mu_t^(i) = sqrt(Phi^(1) / Phi^(i)) after the momentum of
   Eq. 42, per module, for runs trained with AGVM (the anchor, the backbone, stays at 1).
 
-CLI: ``python -m results.figures WORK_DIR [WORK_DIR ...] --out DIR [--name NAME] [--label LABEL ...]``
+CLI: ``python -m results.figures WORK_DIR [WORK_DIR ...] --out DIR [--name NAME] [--label LABEL ...]``, or
+``python -m results.figures --appendix work_dirs/fig1_4_variance --out results/figures`` for Fig. 1-4 from the
+runs of ``experiments/fig1_4_variance``.
 """
 from __future__ import annotations
 
@@ -124,12 +126,19 @@ def load_variance_log(path: str | Path, label: Optional[str] = None) -> Variance
     return log
 
 
+def _mu_fixed_at_one(log: VarianceLog) -> bool:
+    return all(v is None or v == 1.0 for r in log.records for v in (r.get("mu") or {}).values())
+
+
 def default_label(log: VarianceLog, fallback: str) -> str:
-    """'SGD (512)'-style label from the log's optimizer and batch size (the appendix's convention)."""
+    """'SGD (512)'-style label from the log's optimizer and batch size (the appendix's convention). An AGVM
+    optimizer whose mu stayed 1 (modulation off, Phi only measured) is labelled with its base optimizer."""
     opt = log.optimizer
     if opt is None:
         return fallback
     name = OPTIMIZER_LABELS.get(opt, opt)
+    if name.startswith("AGVM-") and _mu_fixed_at_one(log):
+        name = name[len("AGVM-"):]
     return f"{name} ({log.batch_size})" if log.batch_size else name
 
 
@@ -219,9 +228,56 @@ def plot_mu(logs: Sequence[VarianceLog], out: str | Path, title: Optional[str] =
                  "μ = sqrt(Φ_backbone / Φ_i), EMA", False, smooth)
 
 
+# The appendix's figures from the runs of experiments/fig1_4_variance (work_dirs/fig1_4_variance/<run>/).
+APPENDIX_FIGURES: Dict[str, List[tuple]] = {
+    "fig1": [("faster_rcnn_r50_bs32_sgd_measured", "Faster R-CNN, SGD (32)"),
+             ("faster_rcnn_r50_bs512_sgd_measured", "Faster R-CNN, SGD (512)"),
+             ("panoptic_fpn_r50_bs32_sgd_measured", "Panoptic FPN, SGD (32)"),
+             ("panoptic_fpn_r50_bs512_sgd_measured", "Panoptic FPN, SGD (512)"),
+             ("faster_rcnn_swin-t_bs32_adamw_measured", "Faster R-CNN Swin-T, AdamW (32)"),
+             ("faster_rcnn_swin-t_bs512_adamw_measured", "Faster R-CNN Swin-T, AdamW (512)")],
+    "fig2": [("retinanet_r50_bs32_sgd_measured", "RetinaNet, SGD (32)"),
+             ("retinanet_r50_bs10240_sgd_measured", "RetinaNet, SGD (10k)")],
+    "fig3": [(f"mask_rcnn_r50_bs{b}_agvm_sgd", f"Mask R-CNN, AGVM-SGD ({b})") for b in (32, 256, 512, 1024)],
+    "fig4": [("faster_rcnn_r50_bs512_sgd_measured", "FPN, 512 proposals"),
+             ("faster_rcnn_r50_bs512_sgd_measured_no_fpn", "no FPN"),
+             ("faster_rcnn_r50_bs512_sgd_measured_no_fpn_10_proposals", "no FPN, 10 proposals"),
+             ("faster_rcnn_r50_bs512_sgd_measured_no_fpn_10_proposals_frozen_head", "no FPN, 10 proposals, frozen head")],
+}
+APPENDIX_TITLES = {
+    "fig1": "Fig. 1: gradient variance per module, small vs large batch (R50 pipelines; Swin-T with AdamW)",
+    "fig2": "Fig. 2: RetinaNet, batch 32 vs 10k",
+    "fig3": "Fig. 3: Mask R-CNN with AGVM, batch 32 to 1024",
+    "fig4": "Fig. 4: Faster R-CNN at batch 512, removing the FPN, proposals and the head's training",
+}
+
+
+def appendix_figures(runs_dir: str | Path, out: str | Path, smooth: int = 1) -> List[Path]:
+    """Draw Fig. 1-4 (and Fig. 3's mu) from the runs present under ``runs_dir``; panels whose run has no log yet
+    are left out (and named on stderr)."""
+    runs_dir, out = Path(runs_dir), Path(out)
+    written: List[Path] = []
+    for fig, panels in APPENDIX_FIGURES.items():
+        logs = []
+        for run, label in panels:
+            if (runs_dir / run / LOG_NAME).is_file():
+                logs.append(load_variance_log(runs_dir / run, label))
+            else:
+                print(f"[figures] {fig}: no log for {run} yet, panel left out", file=sys.stderr)
+        if not logs:
+            continue
+        written.append(plot_phi(logs, out / f"{fig}_phi.png", APPENDIX_TITLES[fig], smooth))
+        if fig == "fig3" and any(log.has_mu for log in logs):
+            written.append(plot_mu(logs, out / f"{fig}_mu.png", "Fig. 3: AGVM's mu per module", smooth))
+    return written
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m results.figures", description=__doc__.split("\n")[0])
-    ap.add_argument("runs", nargs="+", help=f"work dirs holding {LOG_NAME} (or the log files)")
+    ap.add_argument("runs", nargs="*", help=f"work dirs holding {LOG_NAME} (or the log files)")
+    ap.add_argument("--appendix", metavar="RUNS_DIR", default=None,
+                    help="draw the appendix's Fig. 1-4 from the runs of experiments/fig1_4_variance under RUNS_DIR "
+                         "(e.g. work_dirs/fig1_4_variance)")
     ap.add_argument("--out", default="results/figures", help="output folder (default: results/figures)")
     ap.add_argument("--name", default="variance", help="file name prefix: <name>_phi.png, <name>_mu.png")
     ap.add_argument("--label", action="append", help="panel title per run, in order (default: 'SGD (512)')")
@@ -229,6 +285,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--smooth", type=int, default=1, help="moving-average window over measurements")
     ap.add_argument("--times-lr2", action="store_true", help="plot eta^2 (1 - cos) instead of (1 - cos)")
     args = ap.parse_args(argv)
+    if args.appendix:
+        written = appendix_figures(args.appendix, args.out, args.smooth)
+        for p in written:
+            print(f"[figures] wrote {p}")
+        if not written:
+            print(f"error: no variance logs of experiments/fig1_4_variance runs under {args.appendix}", file=sys.stderr)
+            return 2
+        return 0
+    if not args.runs:
+        ap.error("give run work dirs, or --appendix RUNS_DIR")
     if args.label and len(args.label) != len(args.runs):
         ap.error(f"--label given {len(args.label)} times for {len(args.runs)} runs")
     try:

@@ -83,3 +83,24 @@ def test_cli(tmp_path, capsys):
     assert (tmp_path / "figs" / "fig1_phi.png").is_file() and (tmp_path / "figs" / "fig1_mu.png").is_file()
     assert F.main([str(tmp_path / "nothing"), "--out", str(tmp_path / "f2")]) == 2
     assert "no variance log" in capsys.readouterr().err
+
+
+def test_measured_runs_labelled_with_base_optimizer(tmp_path):
+    d = _write_log(tmp_path / "m", 512, "AGVMSGD", True, False)
+    text = (d / F.LOG_NAME).read_text().replace('"mu": {}', '"mu": {"backbone": 1.0, "neck": 1.0}')
+    (d / F.LOG_NAME).write_text(text)
+    assert F.load_variance_log(d).label == "SGD (512)"
+    a = _write_log(tmp_path / "a", 512, "AGVMSGD", True, True)
+    assert F.load_variance_log(a).label == "AGVM-SGD (512)"
+
+
+def test_appendix_figures_from_experiment_runs(tmp_path, capsys):
+    runs = tmp_path / "fig1_4_variance"
+    _write_log(runs / "faster_rcnn_r50_bs32_sgd_measured", 32, "AGVMSGD", False, False)
+    _write_log(runs / "faster_rcnn_r50_bs512_sgd_measured", 512, "AGVMSGD", True, False)
+    _write_log(runs / "mask_rcnn_r50_bs1024_agvm_sgd", 1024, "AGVMSGD", True, True)
+    assert F.main(["--appendix", str(runs), "--out", str(tmp_path / "figs")]) == 0
+    names = sorted(p.name for p in (tmp_path / "figs").iterdir())
+    assert names == ["fig1_phi.png", "fig3_mu.png", "fig3_phi.png", "fig4_phi.png"]
+    assert "no log for retinanet_r50_bs32_sgd_measured" in capsys.readouterr().err
+    assert F.main(["--appendix", str(tmp_path / "empty"), "--out", str(tmp_path / "f2")]) == 2
