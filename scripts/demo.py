@@ -217,9 +217,11 @@ def write_report(out: Path, runs: List[DemoRun], logs: dict, figures: List[str],
                   ", ".join(f"{MODULE_LABELS.get(m, m)} {v:.2f}" for m, v in last_mu.items() if v is not None)]
     lines += ["", "## Figures", ""]
     lines += [f"![{f}]({f})" for f in figures]
-    lines += ["", "Reproduce: `make demo` (or `python scripts/demo.py`). Runs are in `work_dirs/demo/<run>/` "
-              "(metrics.json, agvm_variance.jsonl, checkpoints); `python -m agvm.mm.evaluate CONFIG CHECKPOINT "
-              "--cfg-options ...` re-evaluates a checkpoint.", ""]
+    ckpt = f"work_dirs/demo/{large_agvm.name}/epoch_{large_agvm.epochs}.pth"
+    cfg_dump = f"work_dirs/demo/{large_agvm.name}/{Path(large_agvm.config).name}"
+    lines += ["", "Reproduce: `make demo` (or `python scripts/demo.py`; `--help` for the sizes). Runs are in "
+              "`work_dirs/demo/<run>/` (metrics.json, agvm_variance.jsonl, the resolved config, checkpoints). "
+              f"Re-evaluate a checkpoint: `python -m agvm.mm.evaluate {cfg_dump} {ckpt}`.", ""]
     path = out / "report.md"
     tmp = out / ".report.md.tmp"
     tmp.write_text("\n".join(lines))
