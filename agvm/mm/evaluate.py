@@ -439,7 +439,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                             "metric, or top-1/top-5 for a UniNet classification config).")
     p.add_argument("config")
     p.add_argument("checkpoint")
-    p.add_argument("--cfg-options", nargs="+", default=[], help="key=value overrides, e.g. dataset=synthetic")
+    from mmengine.config import DictAction
+
+    p.add_argument("--cfg-options", nargs="+", action=DictAction, default={},
+                   help="key=value overrides, e.g. dataset=synthetic")
     p.add_argument("--work-dir", default=None, help="where mmengine writes its logs (default work_dirs/eval/<config>)")
     p.add_argument("--out", default=None, help="metrics JSON (default <work-dir>/eval_metrics.json)")
     p.add_argument("--unsafe-load", action="store_true",
@@ -447,10 +450,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--data-root", default=None, help="ImageFolder root for classification configs")
     p.add_argument("--split", default="val", help="ImageFolder split for classification configs (default val)")
     a = p.parse_args(argv)
-    from agvm.mm.train import _parse_options
-
     try:
-        metrics = evaluate(a.config, a.checkpoint, _parse_options(a.cfg_options), a.work_dir, a.unsafe_load,
+        metrics = evaluate(a.config, a.checkpoint, dict(a.cfg_options), a.work_dir, a.unsafe_load,
                            a.data_root, a.split)
     except (CheckpointError, FileNotFoundError, ValueError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -259,7 +259,7 @@ def test_runs_own_checkpoint_reproduces_its_metrics(tmp_path, synthetic_root, ca
     opts = {"dataset": "synthetic", "synthetic_root": synthetic_root, "synthetic_image_size": 64,
             "model.backbone.depth": 18, "model.backbone.init_cfg": None, "model.neck.in_channels": [64, 128, 256, 512],
             "model.train_cfg.rcnn.sampler.num": 64, "model.roi_head.bbox_head.fc_out_channels": 64,
-            "train_cfg.max_epochs": 2, "train_cfg.val_interval": 2, "log_level": "WARNING",
+            "train_cfg.max_epochs": 2, "train_cfg.val_interval": 2, "log_level": "WARNING", "randomness": {"seed": 0},
             "optim_wrapper.optimizer.interval": 2, "optim_wrapper.optimizer.lr": 0.01,
             "param_scheduler": [dict(type="LinearLR", start_factor=0.1, by_epoch=False, begin=0, end=2)]}
     config = str(REPO / "configs" / "faster_rcnn" / "faster_rcnn_r50_bs32_agvm_sgd.py")
