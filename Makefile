@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup test test-quick demo bench clean-venv
+.PHONY: setup test test-quick demo tables smoke bench bench-ddp bench-uninet clean-venv
 
 setup:
 	@bash scripts/setup.sh
@@ -16,8 +16,20 @@ test-quick: setup
 demo: setup
 	$(PY) scripts/demo.py
 
+tables: setup
+	$(PY) -m results.collect --work-dirs work_dirs --out results/tables
+
+smoke: setup
+	$(PY) -m slurm.submit experiments/smoke --cluster local && $(PY) -m slurm.status experiments/smoke
+
 bench: setup
 	$(PY) benchmarks/bench_optim.py
+
+bench-ddp: setup
+	$(PY) benchmarks/bench_ddp.py
+
+bench-uninet: setup
+	$(PY) benchmarks/bench_uninet.py
 
 clean-venv:
 	rm -rf .venv
