@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from conftest import tiny_options
+from _mm_helpers import tiny_options
 
 pytestmark = [pytest.mark.slow, pytest.mark.mm]
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))

@@ -7,7 +7,7 @@ import os.path as osp
 
 import pytest
 
-from conftest import tiny_options
+from _mm_helpers import tiny_options
 
 pytestmark = [pytest.mark.slow, pytest.mark.mm]
 

@@ -7,7 +7,7 @@ import os.path as osp
 import pytest
 import torch
 
-from conftest import tiny_options
+from _mm_helpers import tiny_options
 
 pytestmark = pytest.mark.mm
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
