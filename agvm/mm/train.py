@@ -136,6 +136,18 @@ def _init_cpu_process_group(launcher: str) -> None:
         dist.init_process_group("gloo")  # mmengine's init_dist assumes CUDA; RANK/WORLD_SIZE/MASTER_* from env
 
 
+def resolve_start(cfg, resume: bool, latest_checkpoint) -> None:
+    """Where training starts: the run's own last complete checkpoint (resume) if there is one, else the
+    config's ``load_from`` (a stage hand-over or pretrained detector), which must then be kept."""
+    ckpt = latest_checkpoint(cfg.work_dir) if resume else None
+    cfg.resume = ckpt is not None
+    if ckpt is not None:
+        cfg.load_from = ckpt
+    elif cfg.get("load_from") and "://" not in str(cfg.load_from) and not osp.isfile(cfg.load_from):
+        raise FileNotFoundError(f"load_from={cfg.load_from!r} does not exist; give the checkpoint this run starts from "
+                                "(e.g. the previous stage's hand-over) or drop load_from")
+
+
 def train(config: str, work_dir: str, cfg_options: Optional[dict] = None, resume: bool = True,
           launcher: str = "none") -> Dict[str, float]:
     """Train ``config`` into ``work_dir``, evaluate, write ``metrics.json``; returns the final metrics."""
@@ -157,9 +169,7 @@ def train(config: str, work_dir: str, cfg_options: Optional[dict] = None, resume
     cfg.work_dir = osp.abspath(work_dir)
     cfg.launcher = launcher
     _init_cpu_process_group(launcher)
-    ckpt = latest_checkpoint(cfg.work_dir) if resume else None
-    cfg.resume = ckpt is not None
-    cfg.load_from = ckpt
+    resolve_start(cfg, resume, latest_checkpoint)
     cfg.pop("runner_type", None)
     if isinstance(cfg.get("visualizer"), dict):  # a fresh visualizer per run (mmengine keeps instances by name)
         cfg.visualizer["name"] = f"visualizer_{uuid.uuid4().hex[:12]}"
