@@ -54,6 +54,7 @@ def param_groups(
     modules: Optional[Union[Mapping[str, Union[str, Sequence[str]]], Sequence[str]]] = None,
     weight_decay: Optional[float] = None,
     no_decay_norm_bias: bool = False,
+    freeze: Sequence[str] = (),
 ) -> List[dict]:
     """Param groups for the AGVM optimizers.
 
@@ -64,6 +65,8 @@ def param_groups(
             Default: ``DEFAULT_MODULES``; only modules that own a trainable parameter appear.
         weight_decay: the groups' weight decay (None: the optimizer's default).
         no_decay_norm_bias: put norm-layer parameters and biases into groups with weight decay 0.
+        freeze: module names whose parameters are frozen (``requires_grad_(False)``) and left out,
+            e.g. ``("bbox_head",)`` for the frozen-head ablation of the appendix's Fig. 4.
 
     Returns groups in module order, each ``{"params", "module"}`` (+ ``"weight_decay"``).
 
@@ -79,6 +82,14 @@ def param_groups(
         for prefix in modules:
             spec.setdefault(prefix.split(".")[-1], ())
             spec[prefix.split(".")[-1]] += (prefix,)
+
+    unknown = set(freeze) - set(spec)
+    if unknown:
+        raise ValueError(f"freeze names unknown module(s) {sorted(unknown)}; the modules are {sorted(spec)}")
+    if freeze:
+        for name, p in model.named_parameters():
+            if module_of(_strip_wrapper(name), spec) in freeze:
+                p.requires_grad_(False)
 
     no_decay = set()
     if no_decay_norm_bias:

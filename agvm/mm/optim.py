@@ -49,16 +49,17 @@ class AGVMOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         no_decay_norm_bias: weight decay 0 for norm layers, biases and 1-D parameters.
         no_decay_keys: parameter-name substrings that also get weight decay 0 (Swin's
             ``relative_position_bias_table``, ``absolute_pos_embed``).
+        frozen_modules: modules to freeze and leave out of the optimizer (Fig. 4's frozen head).
     Used for every optimizer of the configs (baselines too), so baselines and AGVM see the same
     groups; torch optimizers keep the extra "module" key.
     """
 
     def __init__(self, optim_wrapper_cfg: dict, paramwise_cfg: Optional[dict] = None):
         paramwise_cfg = dict(paramwise_cfg or {})
-        unknown = set(paramwise_cfg) - {"modules", "no_decay_norm_bias", "no_decay_keys"}
+        unknown = set(paramwise_cfg) - {"modules", "no_decay_norm_bias", "no_decay_keys", "frozen_modules"}
         if unknown:
             raise ValueError(f"AGVMOptimWrapperConstructor: unknown paramwise_cfg keys {sorted(unknown)}; "
-                             "allowed: modules, no_decay_norm_bias, no_decay_keys")
+                             "allowed: modules, no_decay_norm_bias, no_decay_keys, frozen_modules")
         self.optim_wrapper_cfg = copy.deepcopy(dict(optim_wrapper_cfg))
         if "optimizer" not in self.optim_wrapper_cfg:
             raise ValueError("optim_wrapper needs an `optimizer` dict")
@@ -70,7 +71,8 @@ class AGVMOptimWrapperConstructor(DefaultOptimWrapperConstructor):
             model = model.module
         pw = self.paramwise_cfg
         groups = agvm.param_groups(model, modules=pw.get("modules"),
-                                   no_decay_norm_bias=bool(pw.get("no_decay_norm_bias", False)))
+                                   no_decay_norm_bias=bool(pw.get("no_decay_norm_bias", False)),
+                                   freeze=tuple(pw.get("frozen_modules") or ()))
         keys = tuple(pw.get("no_decay_keys") or ())
         if keys:
             names = {id(p): n for n, p in model.named_parameters()}

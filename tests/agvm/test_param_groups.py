@@ -75,3 +75,13 @@ def test_shared_parameters_are_listed_once():
     assert len(params) == len({id(p) for p in params})
     opt = agvm.AGVMSGD(groups, lr=0.1)  # torch refuses duplicates: this must build
     assert opt.modules[0] == "backbone"
+
+
+def test_freeze_leaves_a_module_out_and_stops_its_gradient():
+    model = TwoStage()
+    groups = agvm.param_groups(model, freeze=("bbox_head",))
+    assert "bbox_head" not in [g["module"] for g in groups]
+    assert not any(p.requires_grad for p in model.roi_head.bbox_head.parameters())
+    assert all(p.requires_grad for p in model.roi_head.mask_head.parameters())
+    with pytest.raises(ValueError, match=r"freeze names unknown module\(s\) \['fpn'\]"):
+        agvm.param_groups(TwoStage(), freeze=("fpn",))

@@ -3,6 +3,7 @@ config: check that they build a working detector (no FPN: C5 only; 10 proposals;
 frozen head really receives no gradient while the RPN and backbone train."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,15 @@ def _grads(run_name: str) -> dict:
     torch.manual_seed(0)
     model = MODELS.build(cfg.model)
     model.init_weights()
+    import agvm.mm
+    from agvm.mm.optim import AGVMOptimWrapperConstructor
+
+    agvm.mm.register_all()
+    ow = copy.deepcopy(cfg.optim_wrapper)
+    ow.pop("constructor")
+    wrapper = AGVMOptimWrapperConstructor(ow, ow.pop("paramwise_cfg", None))(model)
+    in_opt = {id(p) for g in wrapper.optimizer.param_groups for p in g["params"]}
+    assert in_opt == {id(p) for p in model.parameters() if p.requires_grad}
     samples = []
     for _ in range(2):
         s = DetDataSample(metainfo=dict(img_shape=(64, 64), ori_shape=(64, 64), pad_shape=(64, 64),
