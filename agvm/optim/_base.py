@@ -51,12 +51,12 @@ class AGVMMixin:
             )
         if not isinstance(param_group["module"], str) or not param_group["module"]:
             raise ValueError(f"\"module\" must be a non-empty string, got {param_group['module']!r}")
-        super().add_param_group(param_group)
         if hasattr(self, "modulator") and param_group["module"] not in self.modulator.modules:
             raise ValueError(
                 f"cannot add a group for the new module {param_group['module']!r} after construction; "
                 f"the optimizer's modules are {self.modulator.modules}"
             )
+        super().add_param_group(param_group)
 
     # -- public API ---------------------------------------------------------------------------------
     @property

@@ -346,3 +346,14 @@ def test_pmd_lamb_without_decay_is_lamb_and_decay_resets_moments():
         torch.testing.assert_close(w.detach(), w_ref)
     with pytest.raises(ValueError, match="moment_decay"):
         agvm.PMDLAMB([w], moment_decay=(1.5, 0.0))
+
+
+def test_groups_added_later_must_name_an_existing_module():
+    model = make()
+    opt = agvm.AGVMSGD(agvm.param_groups(model), lr=0.1)
+    extra = torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match="new module 'rpn_head'"):
+        opt.add_param_group({"params": [extra], "module": "rpn_head"})
+    assert len(opt.param_groups) == 3  # nothing half-added
+    opt.add_param_group({"params": [extra], "module": "neck", "weight_decay": 0.0})
+    assert opt.module_ids()[-1] == opt.modules.index("neck")
