@@ -82,7 +82,7 @@ class AGVMHook(Hook):
         if not is_agvm(opt) or opt.t == self._last_t:
             return
         self._last_t = opt.t
-        if opt.t % opt.interval != 0:
+        if not opt.is_measurement_step(opt.t):
             return
         it = runner.iter + 1
         phi = {m: _finite(v) for m, v in opt.variance.items()}

@@ -31,10 +31,14 @@ class AGVMMixin:
         anchor: str,
         ratio_clip: Optional[Tuple[float, float]],
         start_iter: int,
+        phase: int = 0,
     ) -> None:
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ValueError(f"interval must be an integer >= 1, got {interval!r}")
+        if isinstance(phase, bool) or not isinstance(phase, int) or not 0 <= phase < interval:
+            raise ValueError(f"phase must be an integer in [0, interval={interval}), got {phase!r}")
         self.interval = interval
+        self.phase = phase
         modules: List[str] = []
         for g in self.param_groups:
             if g["module"] not in modules:
@@ -73,9 +77,14 @@ class AGVMMixin:
         """Phi per module from the last measurement (empty before the first)."""
         return dict(self.modulator.phi)
 
+    def is_measurement_step(self, t: int) -> bool:
+        """True iff step ``t`` (counted from 1) measures: ``t % interval == phase``. phase=0 measures at
+        t = tau, 2 tau, ...; phase=1 at t = 1, tau + 1, ... (the authors' code, whose counter starts at 0)."""
+        return t % self.interval == getattr(self, "phase", 0)
+
     def should_measure(self) -> bool:
-        """True iff the next ``step()`` is a measurement step (t counts steps from 1)."""
-        return (self.t + 1) % self.interval == 0
+        """True iff the next ``step()`` is a measurement step."""
+        return self.is_measurement_step(self.t + 1)
 
     def params_in_order(self) -> List[torch.Tensor]:
         """The optimizer's parameters in param-group order: the order ``halves`` must follow."""
@@ -95,7 +104,7 @@ class AGVMMixin:
             with torch.enable_grad():
                 loss = closure()
         t = self.t + 1
-        if t % self.interval == 0:
+        if self.is_measurement_step(t):
             self.modulator.update(self._measure(halves, t), t)
         self.t = t
         with self._modulated_lr():
@@ -108,7 +117,8 @@ class AGVMMixin:
             if self.estimator is not None:
                 return self.estimator.stats(self, t)
             raise RuntimeError(
-                f"{type(self).__name__}: step {t} is a measurement step (interval={self.interval}) but no "
+                f"{type(self).__name__}: step {t} is a measurement step (interval={self.interval}, "
+                f"phase={self.phase}) but no "
                 "halves were given. Pass step(halves=(ga, gb)) when should_measure() is True (see "
                 "agvm.backward_two_halves), or register the DDP hook with agvm.distributed.register_hook."
             )

@@ -37,13 +37,14 @@ class AGVMAdamW(AGVMMixin, torch.optim.AdamW):
         anchor: str = "backbone",
         ratio_clip: Optional[Tuple[float, float]] = None,
         start_iter: int = 0,
+        phase: int = 0,
         foreach: Optional[bool] = None,
         maximize: bool = False,
         fused: Optional[bool] = None,
     ):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                          foreach=foreach, maximize=maximize, fused=fused)
-        self._agvm_init(interval, alpha, mu_clip, var_eps, anchor, ratio_clip, start_iter)
+        self._agvm_init(interval, alpha, mu_clip, var_eps, anchor, ratio_clip, start_iter, phase)
 
     def _stat_denominators(self) -> Callable[[int, torch.Tensor], torch.Tensor]:
         """``denom(k, out)``: sqrt(v_t) + eps of parameter k, v_t the second moment this step's update

@@ -26,7 +26,9 @@ class AGVMSGD(AGVMMixin, torch.optim.SGD):
     Args:
         params: param groups, each with a ``"module"`` key (see ``agvm.param_groups``).
         lr, momentum, weight_decay, dampening, nesterov, foreach, maximize: as torch.optim.SGD.
-        interval: tau, measure every ``interval`` steps (a step t measures when t % interval == 0).
+        interval: tau, measure every ``interval`` steps (a step t, counted from 1, measures when
+            t % interval == phase).
+        phase: in [0, interval); 1 reproduces the authors' code (0-based counter: measures at t = 1, tau + 1, ...).
         alpha: momentum of mu (Eq. 42), in [0, 1).
         mu_clip: (low, high) clip of mu~ (appendix A.6: (0.1, 10)).
         var_eps: epsilon added to both variances in the ratio.
@@ -53,9 +55,10 @@ class AGVMSGD(AGVMMixin, torch.optim.SGD):
         anchor: str = "backbone",
         ratio_clip: Optional[Tuple[float, float]] = None,
         start_iter: int = 0,
+        phase: int = 0,
         foreach: Optional[bool] = None,
         maximize: bool = False,
     ):
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                          nesterov=nesterov, foreach=foreach, maximize=maximize)
-        self._agvm_init(interval, alpha, mu_clip, var_eps, anchor, ratio_clip, start_iter)
+        self._agvm_init(interval, alpha, mu_clip, var_eps, anchor, ratio_clip, start_iter, phase)

@@ -156,10 +156,15 @@ def test_adamw_preconditions_with_second_moment_after_update():
     assert not torch.allclose(got, plain, rtol=1e-3)  # preconditioning matters
 
 
-def test_should_measure_and_step_counting():
+@pytest.mark.parametrize("phase, expected", [
+    (0, [False, False, True, False, False, True, False]),
+    (1, [True, False, False, True, False, False, True]),  # the authors' 0-based counter: t = 1, 4, 7
+    (2, [False, True, False, False, True, False, False]),
+])
+def test_should_measure_and_step_counting(phase, expected):
     model = make()
-    opt = agvm_opt(agvm.AGVMSGD, model, interval=3, **SGD_KW)
-    pattern = []
+    opt = agvm_opt(agvm.AGVMSGD, model, interval=3, phase=phase, **SGD_KW)
+    pattern, phis = [], []
     for x, y in data(7):
         pattern.append(opt.should_measure())
         halves = half_grads(model, opt, x, y) if opt.should_measure() else None
@@ -167,8 +172,18 @@ def test_should_measure_and_step_counting():
             opt.zero_grad()
             loss_fn(model, x, y).backward()
         opt.step(halves=halves)
-    assert pattern == [False, False, True, False, False, True, False]
+        phis.append(dict(opt.variance))
+    assert pattern == expected
     assert opt.t == 7
+    # Phi changes exactly on the measurement steps
+    changed = [phis[i] != (phis[i - 1] if i else {}) for i in range(7)]
+    assert changed == expected
+
+
+@pytest.mark.parametrize("phase", [-1, 3, 1.0, True])
+def test_bad_phase_raises(phase):
+    with pytest.raises(ValueError, match="phase must be an integer in \\[0, interval=3\\)"):
+        agvm_opt(agvm.AGVMSGD, make(), interval=3, phase=phase, **SGD_KW)
 
 
 def test_measurement_without_halves_raises():
