@@ -40,10 +40,14 @@ them. When ``opt.step()`` asks for the statistics (``opt.estimator.stats``), the
 sums are all-gathered inside the half and summed in rank order, so every rank gets bit-identical
 statistics (partners computed identical partials from identical shards) and hence identical mu.
 
-Traffic per rank (ring cost model, b bytes per bucket): reduce-scatter (H-1)/H * b, exchange b / H,
-all-gather (H-1)/H * b; in total 2(W-1)/W * b, the same as the ring all-reduce of a plain step.
-Only the statistics are added: (H-1) * M * 3 float64 per measurement step (M modules), plus the
-zero padding of a bucket whose length is not a multiple of H (< H elements per bucket).
+Traffic per rank (b bytes per bucket): reduce-scatter (H-1)/H * b, exchange b / H, all-gather
+(H-1)/H * b; in total 2(W-1)/W * b, the same as the ring all-reduce of a plain step. Only the
+statistics are added: (H-1) * M * 3 float64 per measurement step (M modules), plus the zero padding
+of a bucket whose length is not a multiple of H (< H elements per bucket). On gloo, whose
+``reduce_scatter`` is an all-reduce underneath ((3H-2)/(2H-1) times a plain step's bytes in all),
+steps 1 and 5 are rings of point-to-point sends inside the half (``_ring_reduce_scatter``,
+``_ring_all_gather``), which send exactly the bytes above; NCCL buckets use NCCL's own
+reduce_scatter / all_gather. ``benchmarks/bench_ddp.py`` counts the bytes each rank's sockets send.
 The authors' code instead all-reduces inside the group, all-gathers and all-reduces again: about
 three times a plain step.
 
@@ -137,6 +141,9 @@ class TwoHalfEstimator:
         self.index = self.rank % self.half_size  # position inside the half = shard index
         self.half_group = half_group
         self.pair_group = pair_group
+        # global ranks of the half, in ring order; gloo: steps 1 and 5 as point-to-point rings (True)
+        self.half_ranks = dist.get_process_group_ranks(half_group) if half_group is not None else []
+        self.ring = half_group is not None and str(dist.get_backend(half_group)) == "gloo"
         self.optimizer = optimizer
         self.weighted = isinstance(optimizer, AGVMAdamW)
         self.num_modules = len(optimizer.modules)
@@ -193,7 +200,10 @@ class TwoHalfEstimator:
             else:
                 src = buf.div_(h)
             shard = buf.new_empty(s)
-            _reduce_scatter(shard, src, self.half_group)  # 1. the half's mean, shard i
+            if self.ring and not buf.is_cuda:  # 1. the half's mean, shard i
+                _ring_reduce_scatter(shard, src, self.half_ranks, self.index, self.half_group)
+            else:
+                _reduce_scatter(shard, src, self.half_group)
         else:
             shard = buf
         both = buf.new_empty(2 * s)
@@ -207,10 +217,13 @@ class TwoHalfEstimator:
             result = mean
         else:
             result = buf.new_empty(h * s)
-            work = _all_gather(result, mean, self.half_group, async_op=not wait)  # 5.
+            if self.ring and not buf.is_cuda:  # 5.
+                work = _ring_all_gather(result, mean, self.half_ranks, self.index, self.half_group)
+            else:
+                work = _all_gather(result, mean, self.half_group, async_op=not wait)
             if h * s != n:
                 result = result[:n]
-            if not wait:
+            if work is not None and not wait:
                 return work.get_future().then(lambda _: result)
         if wait:
             return result
@@ -311,6 +324,41 @@ def _reduce_scatter(out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGro
     """Sum-reduce-scatter from one tensor (``reduce_scatter_single`` where torch has it)."""
     fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
     return fn(out, inp, group=group)
+
+
+def _ring_reduce_scatter(out: torch.Tensor, inp: torch.Tensor, ranks: List[int], index: int,
+                         group: dist.ProcessGroup) -> None:
+    """Sum-reduce-scatter in a ring of point-to-point sends: ``inp`` holds k = len(ranks) chunks of
+    ``out.numel()`` elements, and ranks[i] ends with the sum of every rank's chunk i in ``out``.
+
+    In round j rank i sends its partial sum of chunk i - j - 1 to rank i + 1 and adds what rank i - 1
+    sends (chunk i - j - 2) to its own; k - 1 rounds, so each rank sends (k - 1) / k of ``inp``.
+    ``inp`` is overwritten with partial sums."""
+    k, s = len(ranks), out.numel()
+    chunks = inp.view(k, s)
+    nxt, prv = ranks[(index + 1) % k], ranks[(index - 1) % k]
+    incoming = out
+    for j in range(k - 1):
+        works = [dist.isend(chunks[(index - j - 1) % k], nxt, group=group), dist.irecv(incoming, prv, group=group)]
+        for w in works:
+            w.wait()
+        chunks[(index - j - 2) % k].add_(incoming)
+    out.copy_(chunks[index])
+
+
+def _ring_all_gather(out: torch.Tensor, inp: torch.Tensor, ranks: List[int], index: int,
+                     group: dist.ProcessGroup) -> None:
+    """All-gather in a ring of point-to-point sends: ``out`` gets rank ranks[i]'s ``inp`` as chunk i.
+    In round j rank i passes chunk i - j on to rank i + 1 and receives chunk i - j - 1 from rank i - 1."""
+    k, s = len(ranks), inp.numel()
+    chunks = out.view(k, s)
+    chunks[index].copy_(inp)
+    nxt, prv = ranks[(index + 1) % k], ranks[(index - 1) % k]
+    for j in range(k - 1):
+        works = [dist.isend(chunks[(index - j) % k], nxt, group=group),
+                 dist.irecv(chunks[(index - j - 1) % k], prv, group=group)]
+        for w in works:
+            w.wait()
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:

@@ -146,7 +146,9 @@ def train_worker(rank: int, world: int, cfg: Dict[str, Any]) -> Dict[str, Any]:
     model = make_model(cfg)
     ddp = _ddp(model, cfg)
     opt = make_opt(model, cfg)
-    agvm.distributed.register_hook(ddp, opt).threaded = cfg.get("threaded", True)
+    est = agvm.distributed.register_hook(ddp, opt)
+    est.threaded = cfg.get("threaded", True)
+    est.ring &= cfg.get("ring", True)  # False: torch's reduce_scatter / all_gather on gloo too
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8) if cfg.get("amp") else None
     log: List[dict] = []
     _train(ddp, opt, rank, cfg, range(cfg["steps"]), scaler, log)
@@ -213,64 +215,53 @@ def resume_worker(rank: int, world: int, cfg: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def traffic_worker(rank: int, world: int, cfg: Dict[str, Any]) -> Dict[str, Any]:
-    """Bytes the hook hands to torch.distributed per step, by patching the collectives it can call."""
-    records: List[Tuple[str, int, int, int]] = []  # (op, group size, bytes handed in, bytes out)
-    names = ("all_reduce", "reduce_scatter_tensor", "reduce_scatter_single", "all_gather_into_tensor",
-             "all_gather_single", "all_gather", "broadcast", "reduce_scatter", "all_to_all", "all_to_all_single",
-             "send", "recv", "isend", "irecv", "batch_isend_irecv", "gather", "scatter", "reduce")
-    originals = {name: getattr(dist, name) for name in names if hasattr(dist, name)}
+    """TCP bytes this rank sends per training step (``bench_ddp``'s counter and model), for the hook on
+    point-to-point rings (``ring``) and on torch's collectives (``collective``)."""
+    from benchmarks.bench_ddp import barrier_bytes, make_model as bench_model, tcp_bytes_sent
 
-    depth = [0]  # count only the outermost call (one collective may be built on another)
-
-    def wrap(name, fn):
-        def counted(*args, **kwargs):
-            if depth[0]:
-                return fn(*args, **kwargs)
-            depth[0] += 1
-            try:
-                _record(name, args, kwargs)
-                return fn(*args, **kwargs)
-            finally:
-                depth[0] -= 1
-        return counted
-
-    def _record(name, args, kwargs):
-        group = kwargs.get("group")
-        k = dist.get_world_size(group)
-        if name in ("all_gather_into_tensor", "all_gather_single"):
-            out, inp = args[0], args[1]
-            records.append(("all_gather", k, inp.numel() * inp.element_size(), out.numel() * out.element_size()))
-        elif name in ("reduce_scatter_tensor", "reduce_scatter_single"):
-            out, inp = args[0], args[1]
-            records.append(("reduce_scatter", k, inp.numel() * inp.element_size(),
-                            out.numel() * out.element_size()))
-        elif name == "all_reduce":
-            t = args[0]
-            records.append((name, k, t.numel() * t.element_size(), t.numel() * t.element_size()))
-        else:
-            records.append((name, k, -1, -1))  # not expected: the test fails on it
-
-    for name, fn in originals.items():
-        setattr(dist, name, wrap(name, fn))
-    try:
-        model = make_model(cfg)
+    out = {}
+    for mode in ("ring", "collective"):
+        model = bench_model(cfg["width"])
         ddp = _ddp(model, cfg)
         opt = make_opt(model, cfg)
-        agvm.distributed.register_hook(ddp, opt)
+        est = agvm.distributed.register_hook(ddp, opt)
+        est.ring &= mode == "ring"
         per_step = []
         for step in range(cfg["steps"]):
             measure = opt.should_measure()
-            records.clear()
-            x, y = batch(step, 0, rank)
-            loss_fn(ddp, x, y).backward()
+            x = torch.randn(BATCH, cfg["width"], generator=torch.Generator().manual_seed(step * world + rank))
+            dist.barrier()
+            sent = tcp_bytes_sent()
+            nn.functional.cross_entropy(ddp(x), torch.arange(BATCH) % 10).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            per_step.append({"measure": measure, "records": list(records)})
-    finally:
-        for name, fn in originals.items():
-            setattr(dist, name, fn)
-    return {"per_step": per_step, "numel": sum(p.numel() for p in model.parameters()),
-            "modules": len(opt.modules)}
+            dist.barrier()  # every rank's step is done: all its bytes have arrived
+            per_step.append({"measure": measure, "bytes": tcp_bytes_sent() - sent})
+        out[mode] = {"per_step": per_step, "barrier": barrier_bytes(), "ring": est.ring,
+                     "numel": sum(p.numel() for p in model.parameters())}
+    return out
+
+
+def ring_worker(rank: int, world: int, cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """The hook's point-to-point rings against torch's reduce_scatter / all_gather on the half group."""
+    from agvm.distributed import _all_gather, _groups, _reduce_scatter, _ring_all_gather, _ring_reduce_scatter
+
+    half, _ = _groups(dist.group.WORLD)
+    h = world // 2
+    ranks, index = dist.get_process_group_ranks(half), rank % h
+    out = {}
+    for s in (1, 5, 1000):
+        g = torch.Generator().manual_seed(rank * 7 + s)
+        for kind, x in (("int", torch.randint(-1000, 1000, (h * s,), generator=g).float()),
+                        ("float", torch.randn(h * s, generator=g))):
+            a, b = torch.empty(s), torch.empty(s)
+            _ring_reduce_scatter(a, x.clone(), ranks, index, half)
+            _reduce_scatter(b, x.clone(), half)
+            c, d = torch.empty(h * s), torch.empty(h * s)
+            _ring_all_gather(c, x[:s], ranks, index, half)
+            _all_gather(d, x[:s], half)
+            out[(kind, s)] = {"rs": (a, b), "ag": (c, d), "input": x}
+    return out
 
 
 # -- the single-process reference -------------------------------------------------------------------
@@ -312,7 +303,7 @@ def reference(world: int, cfg: Dict[str, Any], split: Optional[Sequence[Sequence
 
 
 WORKERS = {"train": train_worker, "brute_force": brute_force_worker, "resume": resume_worker,
-           "traffic": traffic_worker}
+           "traffic": traffic_worker, "ring": ring_worker}
 
 
 def multi_worker(rank: int, world: int, cfg: Dict[str, Any]) -> Dict[str, Any]:
