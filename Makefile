@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup test test-quick demo tables smoke bench bench-ddp bench-uninet clean-venv
+.PHONY: setup test test-quick demo tables smoke bench bench-ddp bench-uninet gpu-check clean-venv
 
 setup:
 	@bash scripts/setup.sh
@@ -30,6 +30,9 @@ bench-ddp: setup
 
 bench-uninet: setup
 	$(PY) benchmarks/bench_uninet.py
+
+gpu-check: setup
+	$(PY) scripts/gpu_check.py
 
 clean-venv:
 	rm -rf .venv

@@ -141,9 +141,10 @@ class TwoHalfEstimator:
         self.index = self.rank % self.half_size  # position inside the half = shard index
         self.half_group = half_group
         self.pair_group = pair_group
-        # global ranks of the half, in ring order; gloo: steps 1 and 5 as point-to-point rings (True)
+        # global ranks of the half, in ring order; CPU buckets on gloo ("gloo" or e.g. "cpu:gloo,cuda:nccl"):
+        # steps 1 and 5 as point-to-point rings (True)
         self.half_ranks = dist.get_process_group_ranks(half_group) if half_group is not None else []
-        self.ring = half_group is not None and str(dist.get_backend(half_group)) == "gloo"
+        self.ring = half_group is not None and "gloo" in str(dist.get_backend(half_group))
         self.optimizer = optimizer
         self.weighted = isinstance(optimizer, AGVMAdamW)
         self.num_modules = len(optimizer.modules)

@@ -10,9 +10,11 @@ checkpointing; then HTC-X + UniNet-G (configs/htc_x/htc_x_uninet_g_coco.py) if t
 present (skipped with the reason otherwise). CPU: the tiny member at 256x320, fp32.
 
 Per setting it reports images/s (forward + backward, after warm-up), peak memory (CUDA:
-torch.cuda.max_memory_allocated; CPU: n/a) and the activation memory autograd keeps for backward
+torch.cuda.max_memory_allocated; CPU: n/a), the activation memory autograd keeps for backward
 ("saved", MiB: unique non-parameter tensors seen by saved-tensor hooks; this is what checkpointing cuts,
-and it is measured the same way on CPU and GPU).
+and it is measured the same way on CPU and GPU) and the model FLOPs of one iteration (3 x the forward's
+FLOPs as torch's FlopCounterMode counts them: matmuls, convolutions, attention; ops outside torch's
+dispatcher such as mmcv's RoIAlign are not counted; recomputation by checkpointing is not model FLOPs).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
+import torch.utils.flop_counter
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -92,8 +95,11 @@ def _run(step, model, device, batch, warmup, iters, info) -> Dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(device)
     saved = _saved_activation_mib(step, params)
     model.zero_grad(set_to_none=True)
+    with torch.no_grad(), torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+        step()
     sec = _time(step, device, warmup, iters)
     info.update(images_per_s=round(batch / sec, 3), sec_per_iter=round(sec, 4), saved_activations_mib=round(saved, 1),
+                model_flops_per_iter=3 * counter.get_total_flops(),
                 peak_mem_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
                 device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
     return info
@@ -108,8 +114,10 @@ def bench_htcx(config: Path, size: tuple, batch: int, device: torch.device, bf16
 
     import models.htc_x.register  # noqa: F401
     import models.mmdet_uninet  # noqa: F401
+    from agvm.mm import register_all
     from mmdet.registry import MODELS
 
+    register_all()  # among others: bf16 through mmcv's RoIAlign / nms (agvm/mm/amp.py)
     init_default_scope("mmdet")
     cfg = Config.fromfile(str(config))
     cfg.model.backbone.with_cp = checkpointing

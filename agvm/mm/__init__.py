@@ -64,4 +64,7 @@ def register_all() -> None:
     MODEL_WRAPPERS.register_module(module=AGVMTwoHalves, force=True)
     HOOKS.register_module(module=AGVMHook, force=True)
     RUNNERS.register_module(module=AGVMRunner, force=True)
+    from .amp import patch_mmcv_bf16
+
+    patch_mmcv_bf16()  # bf16 autocast through mmcv's RoIAlign / nms (float32 detours)
     _DONE = True

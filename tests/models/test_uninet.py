@@ -228,3 +228,5 @@ def test_benchmark_cpu_smoke_checkpointing_saves_activations():
     assert plain["model"] == "uninet_tiny" and not plain["checkpointing"] and ckpt["checkpointing"]
     assert plain["images_per_s"] > 0 and ckpt["images_per_s"] > 0
     assert ckpt["saved_activations_mib"] < 0.6 * plain["saved_activations_mib"]
+    # model FLOPs (3 x forward) do not count checkpointing's recomputation
+    assert plain["model_flops_per_iter"] == ckpt["model_flops_per_iter"] > 0
