@@ -101,7 +101,12 @@ def test_uninet_chain_gets_afterok_dependencies(fake_slurm, tmp_path, capsys):
     # no sacct here: status shows the runs submitted, with the paper's number beside the COCO stage
     assert status_main([str(folder), "--root", str(tmp_path), "--work-dirs", str(tmp_path / "wd")]) == 0
     table = capsys.readouterr().out
-    assert table.count("submitted") == 3 and "62.2 box_ap (A)" in table
+    assert table.count("submitted") == 6 and "62.2 box_ap (A)" in table
+    # the comparisons at 960 start from the same Objects365 stage; the test-dev results files from the AGVM run
+    for name in ("htc_x_uninet_g_bs960_adamw", "htc_x_uninet_g_bs960_pmd_lamb"):
+        assert flags(jobs[ids[name]])["dependency"] == f"afterok:{o365}"
+    f = flags(jobs[ids["uninet_g_coco_test_dev_results"]])
+    assert f["dependency"] == f"afterok:{coco}" and f["nodes"] == "1" and f["gpus-per-node"] == "1"
 
 
 def test_resubmitting_a_queued_chain_adds_nothing(fake_slurm, tmp_path, monkeypatch):
