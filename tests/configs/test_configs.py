@@ -153,10 +153,10 @@ def test_table2(load, B, opt):
 @pytest.mark.mm
 @pytest.mark.parametrize("B", sorted(TABLE3))
 @pytest.mark.parametrize("opt", ["adamw", "agvm_adamw"])
-def test_table3(load, B, opt):
-    import agvm
-
-    cfg = load(f"faster_rcnn/faster_rcnn_swin-t_bs{B}_{opt}.py")
+@pytest.mark.parametrize("backbone", ["swin-t", "r50"])
+def test_table3_and_the_r50_adamw_family(load, B, opt, backbone):
+    """Table 3 (Swin-T), and the main paper's R50 AdamW rows (numbers.yaml adamw_r50/*) with its values [assumed]."""
+    cfg = load(f"faster_rcnn/faster_rcnn_{backbone}_bs{B}_{opt}.py")
     warm, lr, tau = TABLE3[B]
     o = _common(cfg, B, opt, 0.05)
     assert o.lr == float(lr)  # as printed: 1.5e-3 at 1024, where the sqrt(1.5) rule gives 1.4697e-3
@@ -166,6 +166,10 @@ def test_table3(load, B, opt):
     assert w.end == warm
     clip = cfg.optim_wrapper.clip_grad
     assert (clip is None) if B < 256 else (clip.max_norm == 1.0)
+    if backbone == "r50":
+        assert cfg.model.backbone.type == "ResNet" and cfg.model.backbone.depth == 50
+        assert "[assumed for R50]" in _text(f"faster_rcnn/faster_rcnn_r50_bs{B}_{opt}.py")
+        return
     assert cfg.model.backbone.type == "SwinTransformer" and cfg.model.backbone.embed_dims == 96
     assert cfg.model.backbone.depths == [2, 2, 6, 2]
     assert "relative_position_bias_table" in cfg.optim_wrapper.paramwise_cfg.no_decay_keys
@@ -176,22 +180,6 @@ def test_table3_printed_lr_differs_from_the_rule_only_at_1024():
 
     assert agvm.adamw_lr(1024) == pytest.approx(1.4697e-3, abs=1e-7)
     assert [B for B, (_, lr, _) in TABLE3.items() if agvm.adamw_lr(B) != pytest.approx(float(lr), rel=1e-3)] == [1024]
-
-
-@pytest.mark.mm
-@pytest.mark.parametrize("B", sorted(TABLE3))
-@pytest.mark.parametrize("opt", ["adamw", "agvm_adamw"])
-def test_adamw_r50_family(load, B, opt):
-    """The main paper's R50 AdamW rows (numbers.yaml adamw_r50/*) with Table 3's settings [assumed]."""
-    cfg = load(f"faster_rcnn/faster_rcnn_r50_bs{B}_{opt}.py")
-    warm, lr, tau = TABLE3[B]
-    o = _common(cfg, B, opt, 0.05)
-    assert o.lr == float(lr) and _sched(cfg, "LinearLR")[0].end == warm
-    assert (cfg.optim_wrapper.clip_grad is None) if B < 256 else (cfg.optim_wrapper.clip_grad.max_norm == 1.0)
-    assert cfg.model.backbone.type == "ResNet" and cfg.model.backbone.depth == 50
-    if opt == "agvm_adamw":
-        assert o.interval == tau
-    assert "[assumed for R50]" in _text(f"faster_rcnn/faster_rcnn_r50_bs{B}_{opt}.py")
 
 
 @pytest.mark.parametrize("B, steps, updates, percent", [(10240, 144, 28, 57), (8192, 180, 36, 67), (4096, 348, 69, 88)])
