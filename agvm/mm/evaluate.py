@@ -42,7 +42,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 __all__ = ["CheckpointError", "load_checkpoint_file", "extract_state_dict", "detect_source", "remap_state_dict",
-           "load_into_model", "evaluate", "evaluate_classifier", "main", "MMDET2_RULES"]
+           "load_into_model", "evaluate", "evaluate_classifier", "write_results_files", "results_files_run", "main",
+           "MMDET2_RULES"]
 
 
 class CheckpointError(RuntimeError):
@@ -379,6 +380,51 @@ def evaluate(config: str, checkpoint: str, cfg_options: Optional[dict] = None, w
     return {k: float(v) if isinstance(v, (int, float)) else v for k, v in (metrics or {}).items()}
 
 
+def write_results_files(config: str, checkpoint: str, outfile_prefix: str, cfg_options: Optional[dict] = None,
+                        work_dir: Optional[str] = None, unsafe_load: bool = False) -> List[str]:
+    """COCO results files of the config's test set for an evaluation server (COCO test-dev has no public labels):
+    runs the test loop with the COCO test evaluator's ``format_only=True, outfile_prefix=outfile_prefix`` (mmdet's
+    ``CocoMetric``) and returns the files written: ``<prefix>.bbox.json`` (and ``<prefix>.segm.json`` with masks)."""
+    from mmengine.config import Config
+
+    ev = Config.fromfile(config).get("test_evaluator")
+    if not isinstance(ev, dict) or ev.get("type") != "CocoMetric":
+        raise ValueError(f"{config}: results files need one CocoMetric test_evaluator, got {ev!r}")
+    prefix = osp.abspath(outfile_prefix)
+    os.makedirs(osp.dirname(prefix), exist_ok=True)
+    metrics = ev.get("metric", "bbox")
+    expected = [f"{prefix}.{m}.json" for m in ([metrics] if isinstance(metrics, str) else metrics)]
+    for path in expected:  # a file left by an earlier run must not pass for this run's output
+        if osp.exists(path):
+            os.remove(path)
+    options = dict(cfg_options or {})
+    options.update({"test_evaluator.format_only": True, "test_evaluator.outfile_prefix": prefix})
+    evaluate(config, checkpoint, options, work_dir, unsafe_load)
+    missing = [p for p in expected if not osp.isfile(p)]
+    if missing:
+        raise RuntimeError(f"the test loop did not write {missing} (no detections?)")
+    return expected
+
+
+def results_files_run(config: str, work_dir: str, cfg_options: Optional[dict] = None, resume: bool = True,
+                 launcher: str = "none") -> Dict[str, float]:
+    """Entry point of an experiment run (``agvm.mm.train.train``'s signature) that writes results files: the
+    checkpoint is ``cfg_options['load_from']`` (the trained run, through ``init_from``); the files are
+    ``<work_dir>/detections.{bbox,segm}.json``; ``metrics.json`` is empty (test-dev scores come from the server)."""
+    options = dict(cfg_options or {})
+    checkpoint = options.pop("load_from", None)
+    if not checkpoint:
+        raise ValueError("results_files_run needs the checkpoint as cfg_options['load_from'] "
+                         "(init_from in the experiment)")
+    for key in [k for k in options if k.startswith(("train_dataloader", "train_cfg", "optim_wrapper"))]:
+        options.pop(key)  # the launcher's per-rank batch and seed keys concern training only
+    files = write_results_files(config, checkpoint, osp.join(work_dir, "detections"), options,
+                                osp.join(work_dir, "eval"))
+    _write_json_atomic(osp.join(work_dir, "results_files.json"), {"checkpoint": str(checkpoint), "files": files})
+    _write_json_atomic(osp.join(work_dir, "metrics.json"), {})
+    return {}
+
+
 def evaluate_classifier(config: str, checkpoint: str, overrides: Sequence[str] = (), data_root: Optional[str] = None,
                         split: str = "val", unsafe_load: bool = False, batch_size: int = 32) -> Dict[str, float]:
     """Top-1 / top-5 accuracy (percent) of timm-format weights on ``<root>/<split>`` (an ImageFolder tree)."""
@@ -449,7 +495,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="torch.load(weights_only=False): only for files you trust")
     p.add_argument("--data-root", default=None, help="ImageFolder root for classification configs")
     p.add_argument("--split", default="val", help="ImageFolder split for classification configs (default val)")
+    p.add_argument("--results-file", default=None, metavar="PREFIX",
+                   help="write COCO results files PREFIX.bbox.json / PREFIX.segm.json for an evaluation server "
+                        "(COCO test-dev: configs/htc_x/htc_x_uninet_g_coco_testdev.py) instead of metrics")
     a = p.parse_args(argv)
+    if a.results_file:
+        try:
+            files = write_results_files(a.config, a.checkpoint, a.results_file, dict(a.cfg_options), a.work_dir,
+                                        a.unsafe_load)
+        except (CheckpointError, FileNotFoundError, ValueError, KeyError, RuntimeError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print("[evaluate] results files written:\n  " + "\n  ".join(files))
+        return 0
     try:
         metrics = evaluate(a.config, a.checkpoint, dict(a.cfg_options), a.work_dir, a.unsafe_load,
                            a.data_root, a.split)

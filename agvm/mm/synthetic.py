@@ -222,18 +222,24 @@ def _walk(obj, fn):
             _walk(v, fn)
 
 
+PIPELINES = ("faster_rcnn", "mask_rcnn", "panoptic_fpn", "retinanet", "semantic_fpn", "htc_x")
+
+
 def apply_synthetic(cfg, root: Optional[str] = None, image_size: int = 96) -> None:
     """Rewrite an mmengine Config in place to train and evaluate on the synthetic data.
 
     Data roots, class lists, the heads' ``num_classes``, the image scales of the pipelines (to
     ``image_size``), and backbone pretrained init (off: nothing is downloaded). Everything else
     (model, optimizer, schedule) stays as the config says. The pipeline kind is ``cfg.pipeline``.
+    HTC-X (``htc_x``, COCO or Objects365 stage configs): the generated COCO files with their masks replace the
+    stage's dataset and annotation files, and the stage's ``load_from`` (the hand-over from the previous stage,
+    made for the real data) is dropped.
     """
     root = osp.abspath(root or default_root())
     kind = cfg.get("pipeline")
-    if kind not in ("faster_rcnn", "mask_rcnn", "panoptic_fpn", "retinanet", "semantic_fpn"):
-        raise ValueError(f"dataset='synthetic' needs the config's `pipeline` key (one of faster_rcnn, mask_rcnn, "
-                         f"panoptic_fpn, retinanet, semantic_fpn), got {kind!r}")
+    if kind not in PIPELINES:
+        raise ValueError(f"dataset='synthetic' needs the config's `pipeline` key (one of {', '.join(PIPELINES)}), "
+                         f"got {kind!r}")
     size = (image_size, image_size)
 
     def rescale(d: dict) -> None:
@@ -289,11 +295,16 @@ def apply_synthetic(cfg, root: Optional[str] = None, image_size: int = 96) -> No
                 ds["data_root"] = data_root
                 ds["metainfo"] = meta
                 ds.setdefault("filter_cfg", dict(filter_empty_gt=True, min_size=8))
+                if kind == "htc_x":  # stage configs name COCO or Objects365 files: the generated COCO ones
+                    split = "train2017" if key == "train_dataloader" else "val2017"
+                    ds.update(type="CocoDataset", ann_file=f"annotations/instances_{split}.json",
+                              data_prefix=dict(img=f"{split}/"))
         for key in ("val_evaluator", "test_evaluator"):
             ev = cfg.get(key)
             for e in (ev if isinstance(ev, list) else [ev] if ev else []):
                 if "ann_file" in e:
-                    e["ann_file"] = osp.join(data_root, "annotations", osp.basename(e["ann_file"]))
+                    name = "instances_val2017.json" if kind == "htc_x" else osp.basename(e["ann_file"])
+                    e["ann_file"] = osp.join(data_root, "annotations", name)
                 if "seg_prefix" in e:
                     e["seg_prefix"] = osp.join(data_root, "annotations", osp.basename(e["seg_prefix"].rstrip("/")))
                 if e.get("type") == "CocoPanopticMetric":
@@ -302,6 +313,9 @@ def apply_synthetic(cfg, root: Optional[str] = None, image_size: int = 96) -> No
         n = len(THING_CLASSES)
         if kind == "retinanet":
             m.bbox_head.num_classes = n
+        elif kind == "htc_x":
+            m.roi_head.num_classes = n  # HTCLiteRoIHead sets it on every box head, the mask and context heads
+            cfg.load_from = None
         else:
             m.roi_head.bbox_head.num_classes = n
             if m.roi_head.get("mask_head"):

@@ -18,7 +18,7 @@ import os.path as osp
 import uuid
 from typing import Dict, Optional
 
-__all__ = ["train", "load_config", "check_data_roots", "check_pretrained", "main"]
+__all__ = ["train", "load_config", "check_data_roots", "check_pretrained", "sync_bn_plan", "main"]
 
 ROOT_VARS = {"coco": "AGVM_COCO_ROOT", "ade20k": "AGVM_ADE_ROOT", "objects365": "AGVM_O365_ROOT",
              "imagenet": "AGVM_IMAGENET_ROOT"}
@@ -136,6 +136,30 @@ def _init_cpu_process_group(launcher: str) -> None:
         dist.init_process_group("gloo")  # mmengine's init_dist assumes CUDA; RANK/WORLD_SIZE/MASTER_* from env
 
 
+def sync_bn_plan(cfg, launcher: str) -> str:
+    """What becomes of the config's ``sync_bn`` key (mmengine's Runner converts every BatchNorm to SyncBatchNorm
+    when it wraps the model for multi-GPU DDP); returns the line to log. On CPU ranks (gloo: torch has no CPU
+    SyncBatchNorm) and in one process the key is removed, so BatchNorm keeps per-process statistics."""
+    value = cfg.get("sync_bn")
+    if value is None:
+        return ""
+    if value not in ("torch", "mmcv"):
+        raise ValueError(f"sync_bn={value!r} is not understood: use 'torch' (torch.nn.SyncBatchNorm) or 'mmcv', "
+                         "or remove the key for plain BatchNorm")
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        world = dist.get_world_size()
+    else:
+        world = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1) if launcher != "none" else 1
+    if world > 1 and torch.cuda.is_available():
+        return f"sync_bn={value!r}: BatchNorm layers become SyncBatchNorm (statistics over all {world} ranks)"
+    cfg.pop("sync_bn")
+    where = "one process" if world == 1 else f"{world} CPU ranks (no CPU SyncBatchNorm)"
+    return f"sync_bn={value!r} not applied ({where}): BatchNorm layers keep per-process batch statistics"
+
+
 def resolve_start(cfg, resume: bool, latest_checkpoint) -> None:
     """Where training starts: the run's own last complete checkpoint (resume) if there is one, else the
     config's ``load_from`` (a stage hand-over or pretrained detector), which must then be kept."""
@@ -169,6 +193,11 @@ def train(config: str, work_dir: str, cfg_options: Optional[dict] = None, resume
     cfg.work_dir = osp.abspath(work_dir)
     cfg.launcher = launcher
     _init_cpu_process_group(launcher)
+    note = sync_bn_plan(cfg, launcher)
+    if note:
+        from mmengine.logging import print_log
+
+        print_log(f"[agvm.mm.train] {note}", logger="current")
     resolve_start(cfg, resume, latest_checkpoint)
     cfg.pop("runner_type", None)
     if isinstance(cfg.get("visualizer"), dict):  # a fresh visualizer per run (mmengine keeps instances by name)

@@ -2,6 +2,11 @@
 
 LARS and LAMB are timm's (imported only when asked for); PMD-LAMB and the AGVM optimizers are ours;
 SGD and AdamW are torch's. Param groups may carry AGVM's ``"module"`` key: the others ignore it.
+
+Gradient clipping is never inside an optimizer built here, so that baselines compare on equal terms: timm's
+``Lamb`` clips the global gradient norm at 1.0 by default (``max_grad_norm=1.0``) while LARS, PMD-LAMB, SGD and
+AdamW do not, so ``create_optimizer("lamb", ...)`` passes ``max_grad_norm=None`` unless the caller gives a value.
+Clip outside, the same for every optimizer (``torch.nn.utils.clip_grad_norm_``, mmengine's ``clip_grad``).
 """
 from __future__ import annotations
 
@@ -43,4 +48,6 @@ def create_optimizer(name: str, params, **kwargs) -> torch.optim.Optimizer:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}")
     if key not in ("agvm_sgd", "agvm_adamw") and isinstance(params, list):
         params = [{k: v for k, v in g.items() if k != "module"} if isinstance(g, dict) else g for g in params]
+    if key == "lamb":
+        kwargs.setdefault("max_grad_norm", None)  # timm's default 1.0 would clip LAMB alone (module docstring)
     return OPTIMIZERS[key](params, **kwargs)

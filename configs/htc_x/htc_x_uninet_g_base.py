@@ -18,6 +18,11 @@ default_hooks = dict(checkpoint=dict(max_keep_ckpts=3))
 visualizer = dict(vis_backends=[dict(type="LocalVisBackend"), dict(type="TensorboardVisBackend")])
 # param groups with a "module" key (backbone, neck, rpn_head, roi_head = global context head, bbox_head, mask_head)
 optim_wrapper = dict(constructor="AGVMOptimWrapperConstructor", paramwise_cfg=dict(no_decay_norm_bias=True))
+# BatchNorm layers that train here: UniNet-G's convolution stages (stem, Fused-MBConv; norm_eval=False) and SEPC's
+# iBN. At 2 images per GPU their statistics would come from 2 images (SEPC's authors need >= 4 per GPU for iBN), so
+# mmengine converts every BatchNorm to torch's SyncBatchNorm under multi-GPU DDP (statistics over all ranks: 960
+# images at batch 960); in one process or on CPU ranks they stay BatchNorm (agvm.mm.train logs which).
+sync_bn = "torch"
 
 num_classes = 80
 neck_channels = 384  # paper

@@ -3,7 +3,10 @@
 Paper: AGVM + AdamW, lr 1.5e-4, batch 960, 11 epochs, shorter side random in 400-1200, longer side <= 1600,
 windows 28x28 (stage 4) and 14x14 (stage 5), initialised from the Objects365 model; mask branch on.
 Ours (not in the paper): weight decay, warmup, lr steps, test scale, 2 images per GPU (960 = 480 GPUs x 2),
-AGVM interval / alpha (the optimizer's defaults).
+AGVM interval 10 (batch 960 < 1k) / alpha 0.97 / mu clip [0.1, 10] (the appendix's defaults), var_eps 1e-8, no
+gradient clipping. The comparisons at this batch (htc_x_uninet_g_coco_adamw.py, _pmd_lamb.py; the paper: both
+diverge early) inherit everything from this file and change only the optimizer: the same warm-up, schedule and
+(no) clipping. COCO test-dev results files: htc_x_uninet_g_coco_testdev.py.
 
 Data:      $AGVM_COCO_ROOT (default data/coco/) with annotations/instances_{train,val}2017.json, train2017/, val2017/.
 Hand-over: python -m models.handover o365-to-coco work_dirs/htc_x_uninet_g_o365/epoch_20.pth \
@@ -64,5 +67,7 @@ param_scheduler = [
 ]
 optim_wrapper = dict(
     type="AGVMOptimWrapper",
-    optimizer=dict(type="AGVMAdamW", lr=1.5e-4, betas=(0.9, 0.999), weight_decay=0.05))  # lr: paper; wd: ours
+    optimizer=dict(type="AGVMAdamW", lr=1.5e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05,  # lr: paper; wd: ours
+                   interval=10, phase=0, alpha=0.97, mu_clip=(0.1, 10.0), var_eps=1e-8),
+    clip_grad=None)
 auto_scale_lr = dict(enable=False, base_batch_size=total_batch_size)

@@ -63,5 +63,6 @@ param_scheduler = [
 ]
 optim_wrapper = dict(
     type="OptimWrapper",
-    optimizer=dict(type="AdamW", lr=8e-5, betas=(0.9, 0.999), weight_decay=0.05))  # lr: paper; wd: ours
+    optimizer=dict(type="AdamW", lr=8e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05),  # lr: paper; wd: ours
+    clip_grad=None)
 auto_scale_lr = dict(enable=False, base_batch_size=total_batch_size)

@@ -36,6 +36,27 @@ def test_lars_and_lamb_are_timms():
         agvm.create_optimizer("adam", _model().parameters())
 
 
+def _lamb_step(**kw):
+    """One LAMB step on a 2-element tensor whose gradient (global norm 1000) is far above timm's clip of 1.0;
+    eps=1 makes Adam's normalisation depend on the gradient's scale, so a clip changes the update's direction."""
+    w = nn.Parameter(torch.tensor([1.0, 1.0]))
+    opt = agvm.create_optimizer("lamb", [w], lr=0.1, eps=1.0, weight_decay=0.0, **kw)
+    w.grad = torch.tensor([1000.0, 1.0])
+    opt.step()
+    return (torch.tensor([1.0, 1.0]) - w.detach()) / 0.1
+
+
+def test_lamb_from_the_factory_does_not_clip_unless_asked():
+    """timm's Lamb clips the global gradient norm at 1.0 by default; the factory leaves clipping to the caller
+    (the same clip for every optimizer of a comparison), so its LAMB does not clip unless max_grad_norm is given."""
+    assert agvm.create_optimizer("lamb", _model().parameters(), lr=0.1).defaults["max_grad_norm"] is None
+    unclipped, clipped = _lamb_step(), _lamb_step(max_grad_norm=1.0)
+    # Adam's first step: m_hat = g, v_hat = g^2, update g / (|g| + eps) per element
+    torch.testing.assert_close(unclipped, torch.tensor([1000.0 / 1001.0, 1.0 / 2.0]))
+    g = torch.tensor([1000.0, 1.0]) / torch.tensor([1000.0, 1.0]).norm()
+    torch.testing.assert_close(clipped, g / (g.abs() + 1.0))
+
+
 @pytest.mark.mm
 def test_nms_reference_matches_mmcv():
     from mmcv.ops import nms as mmcv_nms

@@ -88,20 +88,26 @@ def test_uninet_chain_gets_afterok_dependencies(fake_slurm, tmp_path, capsys):
     with_configs_in(tmp_path, folder)
     exp = load_experiment(folder, root=tmp_path)
     out = submit_experiment(exp, cluster="slurm", work_dirs=tmp_path / "wd", log=lambda *a: None)
-    ids = {run: int(jid) for run, jid in out.items()}
+    # the three COCO runs at 960 (AGVM-AdamW, AdamW, PMD-LAMB) share resources and dependency: one job array
+    ids = {run: int(str(jid).split("_")[0]) for run, jid in out.items()}
     pre, o365, coco = ids["uninet_g_in22k_pretrain"], ids["htc_x_uninet_g_o365"], ids["htc_x_uninet_g_bs960_agvm_adamw"]
+    assert ids["htc_x_uninet_g_bs960_adamw"] == ids["htc_x_uninet_g_bs960_pmd_lamb"] == coco
     jobs = scripts(fake_slurm)
     assert "dependency" not in flags(jobs[pre])
     assert flags(jobs[o365])["dependency"] == f"afterok:{pre}"
     f = flags(jobs[coco])
-    assert f["dependency"] == f"afterok:{o365}"
+    assert f["dependency"] == f"afterok:{o365}" and "array" in f
     assert f["nodes"] == "60" and f["ntasks-per-node"] == "8" and f["gpus-per-node"] == "8"  # 480 GPUs x 2 = 960
     assert flags(jobs[pre])["time"] == "2880"
     assert "module load cuda" not in jobs[pre]
     # no sacct here: status shows the runs submitted, with the paper's number beside the COCO stage
     assert status_main([str(folder), "--root", str(tmp_path), "--work-dirs", str(tmp_path / "wd")]) == 0
     table = capsys.readouterr().out
-    assert table.count("submitted") == 3 and "62.2 box_ap (A)" in table
+    assert table.count("submitted") == 6 and "62.2 box_ap (A)" in table
+    # the test-dev results files wait for the AGVM-AdamW run (its array task), on one GPU
+    f = flags(jobs[ids["uninet_g_coco_test_dev_results"]])
+    assert f["dependency"] == f"afterok:{out['htc_x_uninet_g_bs960_agvm_adamw']}"
+    assert f["nodes"] == "1" and f["gpus-per-node"] == "1"
 
 
 def test_resubmitting_a_queued_chain_adds_nothing(fake_slurm, tmp_path, monkeypatch):
@@ -110,9 +116,11 @@ def test_resubmitting_a_queued_chain_adds_nothing(fake_slurm, tmp_path, monkeypa
     args = [str(folder), "--root", str(tmp_path), "--work-dirs", str(tmp_path / "wd")]
     assert submit_main(args) == 0
     n = len(scripts(fake_slurm))
-    # a fake sacct that reports every job pending: nothing is submitted twice
+    # a fake sacct that reports every job pending (array tasks as <job>_<task>, as sacct does): nothing is
+    # submitted twice
     sacct = Path(os.environ["PATH"].split(os.pathsep)[0]) / "sacct"
-    sacct.write_text("#!/bin/sh\necho 'JobID|State|NodeList'\nfor i in $(seq 1001 1010); do echo \"$i|PENDING|\"; done\n")
+    sacct.write_text("#!/bin/sh\necho 'JobID|State|NodeList'\nfor i in $(seq 1001 1010); do echo \"$i|PENDING|\"; "
+                     "for k in 0 1 2; do echo \"${i}_$k|PENDING|\"; done; done\n")
     sacct.chmod(0o755)
     assert submit_main(args) == 0
     assert len(scripts(fake_slurm)) == n
