@@ -26,55 +26,75 @@ logger = logging.getLogger("agvm")
 __all__ = ["module_stats", "pair_stats", "adam_denominator_", "phi_from_stats", "Modulator"]
 
 
+# Elements per chunk of the statistics on a CPU: a chunk's operands stay in cache between the three dot
+# products (and AdamW's preconditioning), so each gradient is read from memory once. Accelerators take
+# whole tensors (a launch per chunk would cost more than the traffic saved).
+CPU_CHUNK = 1 << 18
+
+
 def module_stats(
     ga: Sequence[Optional[torch.Tensor]],
-    gb: Sequence[Optional[torch.Tensor]],
+    gb: Optional[Sequence[Optional[torch.Tensor]]],
     module_ids: Sequence[int],
     num_modules: int,
-    denom: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
+    denom: Optional[Callable[[int, int, int, torch.Tensor], torch.Tensor]] = None,
+    grads: Optional[Sequence[Optional[torch.Tensor]]] = None,
 ) -> torch.Tensor:
     """Per-module (dot, |a|^2, |b|^2) as a float64 CPU tensor of shape [num_modules, 3].
 
     ``ga[k]``, ``gb[k]`` belong to module ``module_ids[k]``; ``None`` entries are zero gradients
-    (a parameter no sample of that half reached). ``denom(k, out)``, if given, writes the element-wise
-    divisor of tensor k's halves into the flat float32 buffer ``out`` and returns it (AdamW's
-    sqrt(v_t) + eps, see ``adam_denominator_``). Sums are float32 reductions on the tensors' device,
-    moved to the CPU once.
+    (a parameter no sample of that half reached). ``gb=None`` derives ``gb[k] = 2 * grads[k] - ga[k]``
+    chunk by chunk (``grads`` the whole batch's mean gradients; never a whole-model copy); the result
+    equals passing that gb. ``denom(k, lo, hi, out)``, if given, writes the element-wise divisor of
+    elements [lo, hi) of tensor k (flattened) into the float32 buffer ``out`` and returns it (AdamW's
+    sqrt(v_t) + eps, see ``adam_denominator_``). Sums are float32 reductions on the tensors' device
+    over chunks of ``CPU_CHUNK`` elements on a CPU (whole tensors elsewhere), added up in float64.
     """
-    if not (len(ga) == len(gb) == len(module_ids)):
+    derived = gb is None
+    others = grads if derived else gb
+    if derived and grads is None:
+        raise ValueError("halves=(ga, None) derives gb from p.grad: pass grads (one p.grad or None per parameter)")
+    if not (len(ga) == len(others) == len(module_ids)):
         raise ValueError(
-            f"halves must hold one tensor per optimizer parameter: got {len(ga)} and {len(gb)} "
+            f"halves must hold one tensor per optimizer parameter: got {len(ga)} and {len(others)} "
             f"tensors for {len(module_ids)} parameters"
         )
     rows: List[torch.Tensor] = []
     owners: List[int] = []
-    scratch: Dict[torch.device, torch.Tensor] = {}  # reused for every tensor: no allocation per tensor
-    if denom is not None:
-        for a, b in zip(ga, gb):
-            x = a if a is not None else b
-            if x is not None and x.numel() > scratch.get(x.device, torch.empty(0)).numel() // 3:
-                scratch[x.device] = torch.empty(3 * x.numel(), dtype=torch.float32, device=x.device)
-    for k, (a, b) in enumerate(zip(ga, gb)):
+    scratch: Dict[torch.device, torch.Tensor] = {}  # [3, chunk] float32 per device, reused for every chunk
+    for k, (a, b) in enumerate(zip(ga, others)):
         if a is None and b is None:
             continue
-        if a is None or b is None:  # used by one half only: the other half's gradient is zero
-            a = torch.zeros_like(b) if a is None else a
-            b = torch.zeros_like(a) if b is None else b
-        if a.shape != b.shape:
-            raise ValueError(f"halves differ in shape at parameter {k}: {tuple(a.shape)} vs {tuple(b.shape)}")
-        a = a.detach().reshape(-1).float()
-        b = b.detach().reshape(-1).float()
-        if denom is not None:
-            buf = scratch[a.device]
-            n = a.numel()
-            d = denom(k, buf[:n])
-            a = torch.div(a, d, out=buf[n:2 * n])
-            b = torch.div(b, d, out=buf[2 * n:3 * n])
-        rows.append(pair_stats(a, b))
-        owners.append(module_ids[k])
+        if a is not None and b is not None and a.shape != b.shape:
+            what = "p.grad" if derived else "halves"
+            raise ValueError(f"{what} differ in shape at parameter {k}: {tuple(a.shape)} vs {tuple(b.shape)}")
+        a = torch.zeros_like(b) if a is None else a  # the half that did not reach the parameter: zero
+        b = torch.zeros_like(a) if b is None else b
+        a = a.detach().reshape(-1)
+        b = b.detach().reshape(-1)
+        n = a.numel()
+        chunk = CPU_CHUNK if a.device.type == "cpu" else max(n, 1)
+        if derived or denom is not None:
+            buf = scratch.get(a.device)
+            if buf is None or buf.shape[1] < min(n, chunk):
+                buf = scratch[a.device] = torch.empty(3, min(n, chunk), dtype=torch.float32, device=a.device)
+        for lo in range(0, n, chunk):
+            hi = min(lo + chunk, n)
+            x = a[lo:hi].float()
+            y = b[lo:hi].float()
+            if derived:  # x - 2 g = -(2 g - x) exactly: the dot's sign is flipped back below
+                y = torch.sub(x, y, alpha=2.0, out=buf[0, : hi - lo])
+            if denom is not None:
+                d = denom(k, lo, hi, buf[1, : hi - lo])
+                x = torch.div(x, d, out=buf[2, : hi - lo])
+                y = torch.div(y, d, out=buf[0, : hi - lo])
+            rows.append(pair_stats(x, y))
+            owners.append(module_ids[k])
     stats = torch.zeros(num_modules, 3, dtype=torch.float64)
     if rows:
         stats.index_add_(0, torch.tensor(owners, dtype=torch.long), torch.stack(rows).to("cpu", torch.float64))
+    if derived:
+        stats[:, 0].neg_()
     return stats
 
 
@@ -84,14 +104,21 @@ def pair_stats(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def adam_denominator_(
-    grad: torch.Tensor, exp_avg_sq: Optional[torch.Tensor], beta2: float, eps: float,
-    out: Optional[torch.Tensor] = None,
+    grad: Optional[torch.Tensor], exp_avg_sq: Optional[torch.Tensor], beta2: float, eps: float,
+    out: Optional[torch.Tensor] = None, inv_scale: float = 1.0,
 ) -> torch.Tensor:
     """sqrt(v_t) + eps, flat float32 (into ``out`` if given), with v_t = beta2 * v_{t-1} + (1 - beta2) * g_t^2
-    (v_{t-1} = 0 when None): Alg. 2's preconditioner for the second moment *after* this step's update."""
+    (v_{t-1} = 0 when None): Alg. 2's preconditioner for the second moment *after* this step's update.
+    ``g_t = grad * inv_scale`` (a GradScaler's scaled gradient); ``grad=None`` (needs ``out``): torch's update
+    skips the parameter, so v_t = v_{t-1}."""
+    if grad is None:
+        if out is None:
+            raise ValueError("adam_denominator_: grad=None needs out")
+        out = out.copy_(exp_avg_sq.detach().reshape(-1)) if exp_avg_sq is not None else out.zero_()
+        return out.sqrt_().add_(eps)
     g = grad.detach().reshape(-1).float()
     out = torch.mul(g, g, out=out) if out is not None else g * g
-    out.mul_(1.0 - beta2)
+    out.mul_((1.0 - beta2) * inv_scale * inv_scale)
     if exp_avg_sq is not None:
         out.add_(exp_avg_sq.detach().reshape(-1).float(), alpha=beta2)
     return out.sqrt_().add_(eps)
