@@ -28,8 +28,12 @@ __all__ = ["module_stats", "pair_stats", "adam_denominator_", "phi_from_stats", 
 
 # Elements per chunk of the statistics on a CPU: a chunk's operands stay in cache between the three dot
 # products (and AdamW's preconditioning), so each gradient is read from memory once. Accelerators take
-# whole tensors (a launch per chunk would cost more than the traffic saved).
+# whole tensors (a launch per chunk would cost more than the traffic saved). Tensors below SMALL elements
+# are concatenated per module first, so hundreds of biases and norms cost a few operations, not hundreds.
 CPU_CHUNK = 1 << 18
+SMALL = 1 << 14
+
+Precond = Tuple[Optional[torch.Tensor], float, float]  # (exp_avg_sq or None, beta2, eps) of one parameter
 
 
 def module_stats(
@@ -37,44 +41,59 @@ def module_stats(
     gb: Optional[Sequence[Optional[torch.Tensor]]],
     module_ids: Sequence[int],
     num_modules: int,
-    denom: Optional[Callable[[int, int, int, torch.Tensor], torch.Tensor]] = None,
+    precond: Optional[Sequence[Precond]] = None,
     grads: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    inv_scale: float = 1.0,
 ) -> torch.Tensor:
     """Per-module (dot, |a|^2, |b|^2) as a float64 CPU tensor of shape [num_modules, 3].
 
     ``ga[k]``, ``gb[k]`` belong to module ``module_ids[k]``; ``None`` entries are zero gradients
     (a parameter no sample of that half reached). ``gb=None`` derives ``gb[k] = 2 * grads[k] - ga[k]``
-    chunk by chunk (``grads`` the whole batch's mean gradients; never a whole-model copy); the result
-    equals passing that gb. ``denom(k, lo, hi, out)``, if given, writes the element-wise divisor of
-    elements [lo, hi) of tensor k (flattened) into the float32 buffer ``out`` and returns it (AdamW's
-    sqrt(v_t) + eps, see ``adam_denominator_``). Sums are float32 reductions on the tensors' device
-    over chunks of ``CPU_CHUNK`` elements on a CPU (whole tensors elsewhere), added up in float64.
+    chunk by chunk (``grads`` the whole batch's mean gradients, p.grad; never a whole-model copy): the same
+    numbers as passing that gb. ``precond[k] = (exp_avg_sq, beta2, eps)`` divides both halves of tensor k
+    element-wise by AdamW's sqrt(v_t) + eps (``adam_denominator_`` of ``grads[k] * inv_scale``), computed in
+    the same pass. Sums are float32 reductions on the tensors' device over chunks of ``CPU_CHUNK`` elements
+    on a CPU (whole tensors elsewhere), added up in float64.
     """
     derived = gb is None
+    if (derived or precond is not None) and grads is None:
+        raise ValueError("halves=(ga, None) and AdamW's preconditioner need grads (one p.grad or None per parameter)")
     others = grads if derived else gb
-    if derived and grads is None:
-        raise ValueError("halves=(ga, None) derives gb from p.grad: pass grads (one p.grad or None per parameter)")
-    if not (len(ga) == len(others) == len(module_ids)):
+    if not (len(ga) == len(others) == len(module_ids)) or (precond is not None and len(precond) != len(ga)):
         raise ValueError(
             f"halves must hold one tensor per optimizer parameter: got {len(ga)} and {len(others)} "
             f"tensors for {len(module_ids)} parameters"
         )
-    rows: List[torch.Tensor] = []
-    owners: List[int] = []
-    scratch: Dict[torch.device, torch.Tensor] = {}  # [3, chunk] float32 per device, reused for every chunk
+    segments, small = [], {}  # segment: (key, [a, b(, g, v)]) flat; small tensors gathered per key
     for k, (a, b) in enumerate(zip(ga, others)):
         if a is None and b is None:
             continue
         if a is not None and b is not None and a.shape != b.shape:
             what = "p.grad" if derived else "halves"
             raise ValueError(f"{what} differ in shape at parameter {k}: {tuple(a.shape)} vs {tuple(b.shape)}")
-        a = torch.zeros_like(b) if a is None else a  # the half that did not reach the parameter: zero
-        b = torch.zeros_like(a) if b is None else b
-        a = a.detach().reshape(-1)
-        b = b.detach().reshape(-1)
+        ref = (a if a is not None else b).detach().reshape(-1)
+        cols = [ref if x is None else x.detach().reshape(-1) for x in (a, b)]
+        cols = [torch.zeros_like(ref) if x is None else c for x, c in zip((a, b), cols)]  # None: a zero gradient
+        key = (module_ids[k], ref.device)
+        if precond is not None:
+            v, beta2, eps = precond[k]
+            cols += [None if x is None else x.detach().reshape(-1) for x in (grads[k], v)]
+            key += (float(beta2), eps)
+        if ref.numel() < SMALL and (precond is None or cols[2] is not None):
+            small.setdefault(key, []).append(cols)
+        else:
+            segments.append((key, cols))
+    for key, items in small.items():  # v None (the first step) is v_{t-1} = 0
+        zero = [torch.zeros(c[0].numel(), device=c[0].device) for c in items]
+        segments.append((key, [torch.cat([z if c[i] is None else c[i].float() for c, z in zip(items, zero)])
+                               for i in range(len(items[0]))]))
+    rows: List[torch.Tensor] = []
+    owners: List[int] = []
+    scratch: Dict[torch.device, torch.Tensor] = {}  # [3, chunk] float32 per device, reused for every chunk
+    for key, (a, b, *pre) in segments:
         n = a.numel()
         chunk = CPU_CHUNK if a.device.type == "cpu" else max(n, 1)
-        if derived or denom is not None:
+        if derived or precond is not None:
             buf = scratch.get(a.device)
             if buf is None or buf.shape[1] < min(n, chunk):
                 buf = scratch[a.device] = torch.empty(3, min(n, chunk), dtype=torch.float32, device=a.device)
@@ -84,15 +103,19 @@ def module_stats(
             y = b[lo:hi].float()
             if derived:  # x - 2 g = -(2 g - x) exactly: the dot's sign is flipped back below
                 y = torch.sub(x, y, alpha=2.0, out=buf[0, : hi - lo])
-            if denom is not None:
-                d = denom(k, lo, hi, buf[1, : hi - lo])
-                x = torch.div(x, d, out=buf[2, : hi - lo])
-                y = torch.div(y, d, out=buf[0, : hi - lo])
-            rows.append(pair_stats(x, y))
-            owners.append(module_ids[k])
+            if precond is not None:
+                g, v = pre
+                d = adam_denominator_(None if g is None else g[lo:hi], None if v is None else v[lo:hi], key[2], key[3],
+                                      out=buf[1, : hi - lo], inv_scale=inv_scale)
+                r = d.reciprocal_()  # one division, two multiplications
+                x = torch.mul(x, r, out=buf[2, : hi - lo])
+                y = torch.mul(y, r, out=buf[0, : hi - lo])
+            rows += [x.dot(y), x.dot(x), y.dot(y)]
+            owners.append(key[0])
     stats = torch.zeros(num_modules, 3, dtype=torch.float64)
     if rows:
-        stats.index_add_(0, torch.tensor(owners, dtype=torch.long), torch.stack(rows).to("cpu", torch.float64))
+        stats.index_add_(0, torch.tensor(owners, dtype=torch.long),
+                         torch.stack(rows).view(-1, 3).to("cpu", torch.float64))
     if derived:
         stats[:, 0].neg_()
     return stats
@@ -116,11 +139,15 @@ def adam_denominator_(
             raise ValueError("adam_denominator_: grad=None needs out")
         out = out.copy_(exp_avg_sq.detach().reshape(-1)) if exp_avg_sq is not None else out.zero_()
         return out.sqrt_().add_(eps)
-    g = grad.detach().reshape(-1).float()
-    out = torch.mul(g, g, out=out) if out is not None else g * g
-    out.mul_((1.0 - beta2) * inv_scale * inv_scale)
-    if exp_avg_sq is not None:
-        out.add_(exp_avg_sq.detach().reshape(-1).float(), alpha=beta2)
+    g = grad.detach().reshape(-1)
+    weight = (1.0 - beta2) * inv_scale * inv_scale
+    if exp_avg_sq is None:
+        out = torch.mul(g, g, out=out) if out is not None else g.float() * g
+        out.mul_(weight)
+    else:
+        v = exp_avg_sq.detach().reshape(-1)
+        out = torch.mul(v, beta2, out=out) if out is not None else v.float() * beta2
+        out.addcmul_(g, g, value=weight)
     return out.sqrt_().add_(eps)
 
 

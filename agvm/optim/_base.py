@@ -169,13 +169,13 @@ class AGVMMixin:
         if not isinstance(halves, (tuple, list)) or len(halves) != 2:
             raise ValueError(f"halves must be a pair (ga, gb) or (ga, None), got {type(halves).__name__}")
         ga, gb = halves
-        grads = [p.grad for p in self.params_in_order()] if gb is None else None
-        return module_stats(ga, gb, self.module_ids(), len(self.modulator.modules), self._stat_denominators(),
-                            grads=grads)
+        grad_scale = getattr(self, "grad_scale", None)  # GradScaler with fused=True: p.grad is still scaled
+        return module_stats(ga, gb, self.module_ids(), len(self.modulator.modules), self._preconditioner(),
+                            grads=[p.grad for p in self.params_in_order()],
+                            inv_scale=1.0 if grad_scale is None else 1.0 / float(grad_scale))
 
-    def _stat_denominators(self) -> Optional[Callable[[int, int, int, torch.Tensor], torch.Tensor]]:
-        """``denom(k, lo, hi, out)`` for ``module_stats``: the element-wise divisor of elements [lo, hi) of
-        parameter k's halves (AdamW's preconditioner); None for SGD."""
+    def _preconditioner(self) -> Optional[List[Tuple[Optional[torch.Tensor], float, float]]]:
+        """``precond`` for ``module_stats``: (exp_avg_sq, beta2, eps) per parameter for AdamW; None for SGD."""
         return None
 
     @contextmanager

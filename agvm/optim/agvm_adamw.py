@@ -10,11 +10,10 @@ torch.optim.AdamW's with lr = group lr * mu_i (weight decay included, as in Alg.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 
-from ..variance import adam_denominator_
 from ._base import AGVMMixin
 
 
@@ -49,25 +48,10 @@ class AGVMAdamW(AGVMMixin, torch.optim.AdamW):
                          capturable=capturable, differentiable=differentiable, fused=fused)
         self._agvm_init(interval, alpha, mu_clip, var_eps, anchor, ratio_clip, start_iter, phase, fused, foreach)
 
-    def _stat_denominators(self) -> Callable[[int, int, int, torch.Tensor], torch.Tensor]:
-        """``denom(k, lo, hi, out)``: sqrt(v_t) + eps of elements [lo, hi) of parameter k, v_t the second
-        moment this step's update will hold, computed from v_{t-1} (zero before the first step) and
-        p.grad without touching the state, so the measurement sees the v_t of Alg. 2 and the update
-        stays torch's own. Under GradScaler with fused kernels p.grad is still scaled: it is unscaled here."""
-        where = [(p, g["betas"][1], g["eps"]) for g in self.param_groups for p in g["params"]]
-        grad_scale = getattr(self, "grad_scale", None)
-        inv_scale = 1.0 if grad_scale is None else 1.0 / float(grad_scale)
-        flat = {}
-
-        def denom(k: int, lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
-            if k not in flat:
-                flat.clear()
-                p, beta2, eps = where[k]
-                v = self.state.get(p, {}).get("exp_avg_sq")
-                flat[k] = (None if p.grad is None else p.grad.detach().reshape(-1),
-                           None if v is None else v.detach().reshape(-1), float(beta2), eps)
-            g, v, beta2, eps = flat[k]
-            return adam_denominator_(None if g is None else g[lo:hi], None if v is None else v[lo:hi], beta2, eps,
-                                     out=out, inv_scale=inv_scale)
-
-        return denom
+    def _preconditioner(self) -> List[Tuple[Optional[torch.Tensor], float, float]]:
+        """(v_{t-1}, beta2, eps) per parameter: the measurement divides the halves by sqrt(v_t) + eps, v_t the
+        second moment this step's update will hold, computed from v_{t-1} (None before the first step) and
+        p.grad in the same pass without touching the state, so the measurement sees the v_t of Alg. 2 and
+        the update stays torch's own."""
+        return [(self.state.get(p, {}).get("exp_avg_sq"), float(g["betas"][1]), g["eps"])
+                for g in self.param_groups for p in g["params"]]

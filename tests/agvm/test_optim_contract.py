@@ -256,6 +256,7 @@ def test_gradscaler_with_explicit_fused_skips_inf_steps_and_measures_unscaled(cl
 @pytest.mark.parametrize("cls, _, kw", CLASSES)
 def test_halves_ga_none_gives_the_phi_of_explicit_gb(cls, _, kw, monkeypatch):
     monkeypatch.setattr(V, "CPU_CHUNK", 7)  # several chunks per tensor, with a ragged last one
+    monkeypatch.setattr(V, "SMALL", 5)  # and the smallest tensors gathered per module
     a = cls(_groups(_params()), **kw, interval=1)
     b = cls(_groups(_params()), **kw, interval=1)
     for s in range(3):
@@ -283,20 +284,19 @@ def test_module_stats_chunks_match_a_float64_reference(monkeypatch):
     v = [torch.rand(x.shape, generator=g) for x in gb]
     ids = [0, 1, 1]
 
-    def denom(k, lo, hi, out):
-        return V.adam_denominator_(grads[k].reshape(-1)[lo:hi], v[k].reshape(-1)[lo:hi], 0.99, 1e-8, out=out)
-
+    precond = [(x, 0.99, 1e-8) for x in v]
     expected = torch.zeros(2, 3, dtype=torch.float64)
     for k, (a, b) in enumerate(zip(ga, gb)):
         a = torch.zeros_like(b) if a is None else a
         d = (0.99 * v[k].double() + 0.01 * grads[k].double() ** 2).sqrt() + 1e-8
         x, y = (a.double() / d).flatten(), (b.double() / d).flatten()
         expected[ids[k]] += torch.stack([x @ y, x @ x, y @ y])
-    for chunk in (1 << 18, 64, 5):
+    for chunk, small in ((1 << 18, 1 << 14), (64, 1 << 14), (5, 1), (64, 200)):  # small: 5-element tensor gathered
         monkeypatch.setattr(V, "CPU_CHUNK", chunk)
-        got = V.module_stats(ga, gb, ids, 2, denom)
+        monkeypatch.setattr(V, "SMALL", small)
+        got = V.module_stats(ga, gb, ids, 2, precond, grads=grads)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
-        derived = V.module_stats(ga, None, ids, 2, denom, grads=grads)  # gb = 2 * grads - ga, to rounding
+        derived = V.module_stats(ga, None, ids, 2, precond, grads=grads)  # gb = 2 * grads - ga, to rounding
         torch.testing.assert_close(derived, expected, rtol=1e-5, atol=0)
 
 
