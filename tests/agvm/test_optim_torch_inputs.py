@@ -21,7 +21,8 @@ def _torch_configs(optim_cls):
     from torch.testing._internal.common_optimizers import _get_optim_inputs_including_global_cliquey_kwargs, optim_db
 
     (info,) = [i for i in optim_db if i.optim_cls is optim_cls]
-    configs = [(c.desc, c.kwargs) for c in _get_optim_inputs_including_global_cliquey_kwargs("cpu", torch.float32, info)]
+    inputs = _get_optim_inputs_including_global_cliquey_kwargs("cpu", torch.float32, info)
+    configs = [(c.desc, c.kwargs) for c in inputs]
     # torch lists foreach only where its kernels run natively; it is accepted on a CPU too
     configs += [(f"{desc} & foreach", {**kw, "foreach": True}) for desc, kw in configs
                 if not any(kw.get(k) for k in ("fused", "differentiable", "foreach"))]
@@ -65,7 +66,8 @@ def _run(agvm_cls, torch_cls, kwargs, equal_halves):
         halves = None
         if opt.should_measure():
             ga = [g * (1.0 + 0.5 * i) for i, g in enumerate(grads["backbone"] + grads["head"])]
-            gb = [g.clone() for g in ga] if equal_halves else [2 * g - a for g, a in zip(grads["backbone"] + grads["head"], ga)]
+            full = grads["backbone"] + grads["head"]
+            gb = [g.clone() for g in ga] if equal_halves else [2 * g - a for g, a in zip(full, ga)]
             halves = (ga, gb)
         opt.step(halves=halves)
         for name, ref in refs.items():
