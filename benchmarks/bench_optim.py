@@ -1,12 +1,14 @@
 """Step time of AGVM-SGD / AGVM-AdamW against torch's own SGD / AdamW, fused and foreach, as ratios.
 
     python benchmarks/bench_optim.py [--sizes 10m,100m[,300m]] [--reps 9] [--optimizers sgd,adamw] [--threads N]
+                                     [--compile]
 
 Parameter sets: a detector of realistic shapes in 4 modules (a Swin-like backbone, an FPN neck, an RPN head,
 a two-fc RoI head; hundreds of tensors) at about 10M, 100M and 300M parameters. For each optimizer it
 times torch's step with ``foreach=True`` and with ``fused=True``, AGVM's plain step (its default, fused
 kernels), and AGVM's measurement step with ``halves=(ga, gb)`` and with ``halves=(ga, None)``; a second
-torch fused optimizer with its own state shows how much two identical steps differ on the machine. Every
+torch fused optimizer with its own state shows how much two identical steps differ on the machine;
+``--compile`` adds the measurement steps with the opt-in compiled statistics. Every
 repetition runs all contenders once, in a rotated order, so machine-load drifts hit them alike; the
 medians and their ratios are printed. Targets (issue 10): plain <= 1.02x fused; measurement <= 1.5x (SGD)
 / 2x (AdamW) fused. Memory: parameters and gradients are shared by the contenders (torch's foreach and
@@ -68,7 +70,7 @@ def timed(fn, device):
     return time.perf_counter() - t0
 
 
-def bench(size, name, device, reps):
+def bench(size, name, device, reps, compiled):
     shapes = detector_shapes(*SIZES[size])
     groups = make_params(shapes, device)
     params = [p for ps in groups.values() for p in ps]
@@ -88,10 +90,11 @@ def bench(size, name, device, reps):
             ref.step()
         return step
 
-    def agvm_step(halves):
+    def agvm_step(halves, compiled=False):
         def step():
             if halves is not None:
                 opt.t = opt.interval * 7 - 1  # the next step measures
+            agvm.variance.COMPILE_STATS = compiled
             opt.step(halves=halves)
         return step
 
@@ -100,6 +103,9 @@ def bench(size, name, device, reps):
     contenders = {"torch foreach": torch_step(False), "torch fused": torch_step(True), "torch fused (2nd)": twin.step,
                   "AGVM plain": agvm_step(None),
                   "AGVM measure (ga, gb)": agvm_step((ga, gb)), "AGVM measure (ga, None)": agvm_step((ga, None))}
+    if compiled:  # AGVM_COMPILE_STATS=1: the statistics as one torch.compile'd kernel
+        contenders["compiled (ga, gb)"] = agvm_step((ga, gb), True)
+        contenders["compiled (ga, None)"] = agvm_step((ga, None), True)
     for fn in contenders.values():  # warm-up: lazy state, allocator
         fn()
     times = {k: [] for k in contenders}
@@ -123,6 +129,7 @@ def main():
     ap.add_argument("--sizes", default="10m,100m", help="comma-separated: 10m, 100m, 300m")
     ap.add_argument("--optimizers", default="sgd,adamw")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--compile", action="store_true", help="also time the compiled statistics (AGVM_COMPILE_STATS=1)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -133,7 +140,7 @@ def main():
           "measurement <= 1.5x (SGD) / 2x (AdamW) fused")
     for size in args.sizes.split(","):
         for name in args.optimizers.split(","):
-            bench(size, name, args.device, args.reps)
+            bench(size, name, args.device, args.reps, args.compile)
 
 
 if __name__ == "__main__":

@@ -373,3 +373,43 @@ def test_resume_through_torch_save_is_exact(cls, _, kw, dtype):
     _train(resumed, 4, start=3, dtype=dtype)
     _same(full, resumed)
     assert full.modulation["head"] != 1.0
+
+
+def _stats_inputs():
+    g = torch.Generator().manual_seed(3)
+    ga = [torch.randn(30000, generator=g), torch.randn(37, 3, generator=g), None]
+    gb = [torch.randn(30000, generator=g), torch.randn(37, 3, generator=g), torch.randn(5, generator=g)]
+    grads = [(a + b) / 2 if a is not None else b / 2 for a, b in zip(ga, gb)]
+    precond = [(torch.rand(x.shape, generator=g), 0.99, 1e-8) for x in gb]
+    precond[0] = (None, 0.99, 1e-8)  # before the first step
+    return ga, gb, grads, precond, [0, 1, 1]
+
+
+@pytest.mark.slow
+def test_compiled_statistics_equal_the_chunked_ones(monkeypatch):
+    """AGVM_COMPILE_STATS=1: one torch.compile'd kernel per segment (compiles on first use: ~10-40 s here)."""
+    ga, gb, grads, precond, ids = _stats_inputs()
+    for gb_, pre in ((gb, None), (None, None), (gb, precond), (None, precond)):
+        monkeypatch.setattr(V, "COMPILE_STATS", False)
+        chunked = V.module_stats(ga, gb_, ids, 2, pre, grads=grads, inv_scale=0.5)
+        monkeypatch.setattr(V, "COMPILE_STATS", True)
+        compiled = V.module_stats(ga, gb_, ids, 2, pre, grads=grads, inv_scale=0.5)
+        assert V.COMPILE_STATS  # it did not fall back
+        torch.testing.assert_close(compiled, chunked, rtol=1e-5, atol=0)
+
+
+def test_compiled_statistics_fall_back_to_the_chunks_with_one_warning(monkeypatch, caplog):
+    ga, gb, grads, precond, ids = _stats_inputs()
+    monkeypatch.setattr(V, "COMPILE_STATS", False)
+    chunked = V.module_stats(ga, gb, ids, 2, precond, grads=grads)
+
+    def no_compiler(*args):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(V, "COMPILE_STATS", True)
+    monkeypatch.setattr(V, "_compiled_segment_stats", lambda derived, precond: no_compiler)
+    with caplog.at_level("WARNING", logger="agvm"):
+        got = V.module_stats(ga, gb, ids, 2, precond, grads=grads)
+        V.module_stats(ga, gb, ids, 2, precond, grads=grads)
+    assert torch.equal(got, chunked) and not V.COMPILE_STATS
+    assert caplog.text.count("compiled statistics unavailable (no C++ compiler found)") == 1
