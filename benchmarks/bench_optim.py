@@ -70,8 +70,30 @@ def timed(fn, device):
     return time.perf_counter() - t0
 
 
-def bench(size, name, device, reps, compiled):
-    shapes = detector_shapes(*SIZES[size])
+def transformer_shapes(blocks, width):
+    """(module, shape) of ``blocks`` transformer blocks of width ``width`` (scripts/gpu_check.py's larger sets):
+    the first half backbone, then neck, rpn_head and roi_head."""
+    shapes = []
+    for i in range(blocks):
+        rest = i - blocks // 2
+        module = "backbone" if rest < 0 else ("neck", "rpn_head", "roi_head")[min(2, rest * 3 // (blocks - blocks // 2))]
+        for shape in ((3 * width, width), (3 * width,), (width, width), (width,), (4 * width, width), (4 * width,),
+                      (width, 4 * width), (width,), (width,), (width,), (width,), (width,)):
+            shapes.append((module, shape))
+    return shapes
+
+
+def bench(title, shapes, device, reps, compiled=False, optimizers=("sgd", "adamw")):
+    """Times every optimizer on ``shapes``; returns {"SGD": {step: ratio to torch's fused step}, "AdamW": ...}."""
+    out = {}
+    for name in optimizers:
+        med = bench_one(title, shapes, name, device, reps, compiled)
+        out[{"sgd": "SGD", "adamw": "AdamW"}[name]] = {
+            k.replace("AGVM ", ""): v / med["torch fused"] for k, v in med.items() if k != "torch fused"}
+    return out
+
+
+def bench_one(title, shapes, name, device, reps, compiled):
     groups = make_params(shapes, device)
     params = [p for ps in groups.values() for p in ps]
     n = sum(p.numel() for p in params)
@@ -114,7 +136,7 @@ def bench(size, name, device, reps, compiled):
         for k in names[r % len(names):] + names[: r % len(names)]:
             times[k].append(timed(contenders[k], device))
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    print(f"\n{name.upper()} on {size}: {n / 1e6:.1f}M parameters in {len(params)} tensors ({len(groups)} modules), "
+    print(f"\n{name.upper()} on {title}: {n / 1e6:.1f}M parameters in {len(params)} tensors ({len(groups)} modules), "
           f"{device}, {reps} repetitions")
     print(f"{'step':<26}{'median ms':>10}{'x fused':>9}{'x foreach':>11}")
     for k, v in med.items():
@@ -139,8 +161,7 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; targets: plain <= 1.02x fused, "
           "measurement <= 1.5x (SGD) / 2x (AdamW) fused")
     for size in args.sizes.split(","):
-        for name in args.optimizers.split(","):
-            bench(size, name, args.device, args.reps, args.compile)
+        bench(size, detector_shapes(*SIZES[size]), args.device, args.reps, args.compile, args.optimizers.split(","))
 
 
 if __name__ == "__main__":
