@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+import os
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -26,55 +27,155 @@ logger = logging.getLogger("agvm")
 __all__ = ["module_stats", "pair_stats", "adam_denominator_", "phi_from_stats", "Modulator"]
 
 
+# Elements per chunk of the statistics on a CPU: a chunk's operands stay in cache between the three dot
+# products (and AdamW's preconditioning), so each gradient is read from memory once. Accelerators take
+# whole tensors (a launch per chunk would cost more than the traffic saved). Tensors below SMALL elements
+# are concatenated per module first, so hundreds of biases and norms cost a few operations, not hundreds.
+CPU_CHUNK = 1 << 18
+SMALL = 1 << 14
+
+Precond = Tuple[Optional[torch.Tensor], float, float]  # (exp_avg_sq or None, beta2, eps) of one parameter
+
+# Opt-in (AGVM_COMPILE_STATS=1): each segment's statistics as one torch.compile'd kernel, one pass over the
+# data with no temporaries (inductor's C++ on a CPU, Triton on CUDA). The first measurement step compiles
+# (about 40 s on a 2-core CPU; cached on disk afterwards); without a compiler it falls back to the chunks.
+COMPILE_STATS = os.environ.get("AGVM_COMPILE_STATS", "0") == "1"
+_compiled: Dict[Tuple[bool, bool], object] = {}
+
+
+def _segment_stats(a, b, g, v, consts, derived: bool, precond: bool):
+    """(a.b, a.a, b.b) of one segment in one expression (the compiled kernel; the chunks compute the same).
+    ``consts`` = (beta2, (1 - beta2) * inv_scale^2, eps) as a tensor, so that no value triggers a recompile."""
+    a = a.float()
+    b = a - 2.0 * b.float() if derived else b.float()
+    if precond:
+        r = ((v.float() * consts[0] + g.float() * g.float() * consts[1]).sqrt() + consts[2]).reciprocal()
+        a, b = a * r, b * r
+    return torch.stack([(a * b).sum(), (a * a).sum(), (b * b).sum()])
+
+
+# one function per variant: torch.compile keeps one cache (and recompile budget) per function
+def _stats_plain(a, b, g, v, consts):
+    return _segment_stats(a, b, g, v, consts, derived=False, precond=False)
+
+
+def _stats_derived(a, b, g, v, consts):
+    return _segment_stats(a, b, g, v, consts, derived=True, precond=False)
+
+
+def _stats_precond(a, b, g, v, consts):
+    return _segment_stats(a, b, g, v, consts, derived=False, precond=True)
+
+
+def _stats_derived_precond(a, b, g, v, consts):
+    return _segment_stats(a, b, g, v, consts, derived=True, precond=True)
+
+
+_VARIANTS = {(False, False): _stats_plain, (True, False): _stats_derived, (False, True): _stats_precond,
+             (True, True): _stats_derived_precond}
+
+
+def _compiled_segment_stats(derived: bool, precond: bool):
+    if (derived, precond) not in _compiled:
+        _compiled[derived, precond] = torch.compile(_VARIANTS[derived, precond], dynamic=True)
+    return _compiled[derived, precond]
+
+
 def module_stats(
     ga: Sequence[Optional[torch.Tensor]],
-    gb: Sequence[Optional[torch.Tensor]],
+    gb: Optional[Sequence[Optional[torch.Tensor]]],
     module_ids: Sequence[int],
     num_modules: int,
-    denom: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
+    precond: Optional[Sequence[Precond]] = None,
+    grads: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    inv_scale: float = 1.0,
 ) -> torch.Tensor:
     """Per-module (dot, |a|^2, |b|^2) as a float64 CPU tensor of shape [num_modules, 3].
 
     ``ga[k]``, ``gb[k]`` belong to module ``module_ids[k]``; ``None`` entries are zero gradients
-    (a parameter no sample of that half reached). ``denom(k, out)``, if given, writes the element-wise
-    divisor of tensor k's halves into the flat float32 buffer ``out`` and returns it (AdamW's
-    sqrt(v_t) + eps, see ``adam_denominator_``). Sums are float32 reductions on the tensors' device,
-    moved to the CPU once.
+    (a parameter no sample of that half reached). ``gb=None`` derives ``gb[k] = 2 * grads[k] - ga[k]``
+    chunk by chunk (``grads`` the whole batch's mean gradients, p.grad; never a whole-model copy): the same
+    numbers as passing that gb. ``precond[k] = (exp_avg_sq, beta2, eps)`` divides both halves of tensor k
+    element-wise by AdamW's sqrt(v_t) + eps (``adam_denominator_`` of ``grads[k] * inv_scale``), computed in
+    the same pass. Sums are float32 reductions on the tensors' device over chunks of ``CPU_CHUNK`` elements
+    on a CPU (whole tensors elsewhere), added up in float64.
     """
-    if not (len(ga) == len(gb) == len(module_ids)):
+    global COMPILE_STATS
+    derived = gb is None
+    if (derived or precond is not None) and grads is None:
+        raise ValueError("halves=(ga, None) and AdamW's preconditioner need grads (one p.grad or None per parameter)")
+    others = grads if derived else gb
+    if not (len(ga) == len(others) == len(module_ids)) or (precond is not None and len(precond) != len(ga)):
         raise ValueError(
-            f"halves must hold one tensor per optimizer parameter: got {len(ga)} and {len(gb)} "
+            f"halves must hold one tensor per optimizer parameter: got {len(ga)} and {len(others)} "
             f"tensors for {len(module_ids)} parameters"
         )
-    rows: List[torch.Tensor] = []
-    owners: List[int] = []
-    scratch: Dict[torch.device, torch.Tensor] = {}  # reused for every tensor: no allocation per tensor
-    if denom is not None:
-        for a, b in zip(ga, gb):
-            x = a if a is not None else b
-            if x is not None and x.numel() > scratch.get(x.device, torch.empty(0)).numel() // 3:
-                scratch[x.device] = torch.empty(3 * x.numel(), dtype=torch.float32, device=x.device)
-    for k, (a, b) in enumerate(zip(ga, gb)):
+    segments, small = [], {}  # segment: (key, [a, b(, g, v)]) flat; small tensors gathered per key
+    for k, (a, b) in enumerate(zip(ga, others)):
         if a is None and b is None:
             continue
-        if a is None or b is None:  # used by one half only: the other half's gradient is zero
-            a = torch.zeros_like(b) if a is None else a
-            b = torch.zeros_like(a) if b is None else b
-        if a.shape != b.shape:
-            raise ValueError(f"halves differ in shape at parameter {k}: {tuple(a.shape)} vs {tuple(b.shape)}")
-        a = a.detach().reshape(-1).float()
-        b = b.detach().reshape(-1).float()
-        if denom is not None:
-            buf = scratch[a.device]
-            n = a.numel()
-            d = denom(k, buf[:n])
-            a = torch.div(a, d, out=buf[n:2 * n])
-            b = torch.div(b, d, out=buf[2 * n:3 * n])
-        rows.append(pair_stats(a, b))
-        owners.append(module_ids[k])
+        if a is not None and b is not None and a.shape != b.shape:
+            what = "p.grad" if derived else "halves"
+            raise ValueError(f"{what} differ in shape at parameter {k}: {tuple(a.shape)} vs {tuple(b.shape)}")
+        ref = (a if a is not None else b).detach().reshape(-1)
+        cols = [ref if x is None else x.detach().reshape(-1) for x in (a, b)]
+        cols = [torch.zeros_like(ref) if x is None else c for x, c in zip((a, b), cols)]  # None: a zero gradient
+        key = (module_ids[k], ref.device)
+        if precond is not None:
+            v, beta2, eps = precond[k]
+            cols += [None if x is None else x.detach().reshape(-1) for x in (grads[k], v)]
+            key += (float(beta2), eps)
+        if ref.numel() < SMALL and (precond is None or cols[2] is not None):
+            small.setdefault(key, []).append(cols)
+        else:
+            segments.append((key, cols))
+    for key, items in small.items():  # v None (the first step) is v_{t-1} = 0
+        zero = [torch.zeros(c[0].numel(), device=c[0].device) for c in items]
+        segments.append((key, [torch.cat([z if c[i] is None else c[i].float() for c, z in zip(items, zero)])
+                               for i in range(len(items[0]))]))
+    rows: List[torch.Tensor] = []
+    owners: List[int] = []
+    scratch: Dict[torch.device, torch.Tensor] = {}  # [3, chunk] float32 per device, reused for every chunk
+    for key, (a, b, *pre) in segments:
+        n = a.numel()
+        if COMPILE_STATS and (precond is None or pre[0] is not None):
+            g, v = pre if pre else (a, a)
+            v = torch.zeros_like(a, dtype=torch.float32) if v is None else v
+            beta2, eps = key[2:] if pre else (0.0, 0.0)
+            consts = torch.tensor([beta2, (1.0 - beta2) * inv_scale ** 2, eps], device=a.device)
+            try:
+                rows += list(_compiled_segment_stats(derived, precond is not None)(a, b, g, v, consts))
+                owners.append(key[0])
+                continue
+            except Exception as e:  # no compiler, an unsupported device: the chunks below, from now on
+                logger.warning("AGVM: compiled statistics unavailable (%s); using the chunked kernels", e)
+                COMPILE_STATS = False
+        chunk = CPU_CHUNK if a.device.type == "cpu" else max(n, 1)
+        if derived or precond is not None:
+            buf = scratch.get(a.device)
+            if buf is None or buf.shape[1] < min(n, chunk):
+                buf = scratch[a.device] = torch.empty(3, min(n, chunk), dtype=torch.float32, device=a.device)
+        for lo in range(0, n, chunk):
+            hi = min(lo + chunk, n)
+            x = a[lo:hi].float()
+            y = b[lo:hi].float()
+            if derived:  # x - 2 g = -(2 g - x) exactly: the dot's sign is flipped back below
+                y = torch.sub(x, y, alpha=2.0, out=buf[0, : hi - lo])
+            if precond is not None:
+                g, v = pre
+                d = adam_denominator_(None if g is None else g[lo:hi], None if v is None else v[lo:hi], key[2], key[3],
+                                      out=buf[1, : hi - lo], inv_scale=inv_scale)
+                r = d.reciprocal_()  # one division, two multiplications
+                x = torch.mul(x, r, out=buf[2, : hi - lo])
+                y = torch.mul(y, r, out=buf[0, : hi - lo])
+            rows += [x.dot(y), x.dot(x), y.dot(y)]
+            owners.append(key[0])
     stats = torch.zeros(num_modules, 3, dtype=torch.float64)
     if rows:
-        stats.index_add_(0, torch.tensor(owners, dtype=torch.long), torch.stack(rows).to("cpu", torch.float64))
+        stats.index_add_(0, torch.tensor(owners, dtype=torch.long),
+                         torch.stack(rows).view(-1, 3).to("cpu", torch.float64))
+    if derived:
+        stats[:, 0].neg_()
     return stats
 
 
@@ -84,16 +185,27 @@ def pair_stats(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def adam_denominator_(
-    grad: torch.Tensor, exp_avg_sq: Optional[torch.Tensor], beta2: float, eps: float,
-    out: Optional[torch.Tensor] = None,
+    grad: Optional[torch.Tensor], exp_avg_sq: Optional[torch.Tensor], beta2: float, eps: float,
+    out: Optional[torch.Tensor] = None, inv_scale: float = 1.0,
 ) -> torch.Tensor:
     """sqrt(v_t) + eps, flat float32 (into ``out`` if given), with v_t = beta2 * v_{t-1} + (1 - beta2) * g_t^2
-    (v_{t-1} = 0 when None): Alg. 2's preconditioner for the second moment *after* this step's update."""
-    g = grad.detach().reshape(-1).float()
-    out = torch.mul(g, g, out=out) if out is not None else g * g
-    out.mul_(1.0 - beta2)
-    if exp_avg_sq is not None:
-        out.add_(exp_avg_sq.detach().reshape(-1).float(), alpha=beta2)
+    (v_{t-1} = 0 when None): Alg. 2's preconditioner for the second moment *after* this step's update.
+    ``g_t = grad * inv_scale`` (a GradScaler's scaled gradient); ``grad=None`` (needs ``out``): torch's update
+    skips the parameter, so v_t = v_{t-1}."""
+    if grad is None:
+        if out is None:
+            raise ValueError("adam_denominator_: grad=None needs out")
+        out = out.copy_(exp_avg_sq.detach().reshape(-1)) if exp_avg_sq is not None else out.zero_()
+        return out.sqrt_().add_(eps)
+    g = grad.detach().reshape(-1)
+    weight = (1.0 - beta2) * inv_scale * inv_scale
+    if exp_avg_sq is None:
+        out = torch.mul(g, g, out=out) if out is not None else g.float() * g
+        out.mul_(weight)
+    else:
+        v = exp_avg_sq.detach().reshape(-1)
+        out = torch.mul(v, beta2, out=out) if out is not None else v.float() * beta2
+        out.addcmul_(g, g, value=weight)
     return out.sqrt_().add_(eps)
 
 

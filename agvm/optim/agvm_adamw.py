@@ -10,26 +10,31 @@ torch.optim.AdamW's with lr = group lr * mu_i (weight decay included, as in Alg.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import torch
 
-from ..variance import adam_denominator_
 from ._base import AGVMMixin
 
 
 class AGVMAdamW(AGVMMixin, torch.optim.AdamW):
-    """AdamW (torch.optim.AdamW semantics) with AGVM; see ``AGVMSGD`` for the AGVM arguments."""
+    """torch.optim.AdamW with AGVM: the same arguments in the same order with the same defaults, then
+    AGVM's, keyword-only (see ``AGVMSGD`` for them and for ``fused=None``)."""
 
     def __init__(
         self,
         params,
-        lr: float = 2e-4,
-        betas: Tuple[float, float] = (0.9, 0.999),
+        lr: Union[float, torch.Tensor] = 1e-3,
+        betas: Tuple[Union[float, torch.Tensor], Union[float, torch.Tensor]] = (0.9, 0.999),
         eps: float = 1e-8,
-        weight_decay: float = 0.05,
+        weight_decay: float = 1e-2,
         amsgrad: bool = False,
         *,
+        maximize: bool = False,
+        foreach: Optional[bool] = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: Optional[bool] = None,
         interval: int = 10,
         alpha: float = 0.97,
         mu_clip: Tuple[float, float] = (0.1, 10.0),
@@ -38,22 +43,15 @@ class AGVMAdamW(AGVMMixin, torch.optim.AdamW):
         ratio_clip: Optional[Tuple[float, float]] = None,
         start_iter: int = 0,
         phase: int = 0,
-        foreach: Optional[bool] = None,
-        maximize: bool = False,
-        fused: Optional[bool] = None,
     ):
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                         foreach=foreach, maximize=maximize, fused=fused)
-        self._agvm_init(interval, alpha, mu_clip, var_eps, anchor, ratio_clip, start_iter, phase)
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, foreach=foreach,
+                         capturable=capturable, differentiable=differentiable, fused=fused)
+        self._agvm_init(interval, alpha, mu_clip, var_eps, anchor, ratio_clip, start_iter, phase, fused, foreach)
 
-    def _stat_denominators(self) -> Callable[[int, torch.Tensor], torch.Tensor]:
-        """``denom(k, out)``: sqrt(v_t) + eps of parameter k, v_t the second moment this step's update
-        will hold, computed from v_{t-1} (zero before the first step) and p.grad without touching the
-        state, so the measurement sees the v_t of Alg. 2 and the update stays torch's own."""
-        where = [(p, g["betas"][1], g["eps"]) for g in self.param_groups for p in g["params"]]
-
-        def denom(k: int, out: torch.Tensor) -> torch.Tensor:
-            p, beta2, eps = where[k]
-            return adam_denominator_(p.grad, self.state.get(p, {}).get("exp_avg_sq"), beta2, eps, out=out)
-
-        return denom
+    def _preconditioner(self) -> List[Tuple[Optional[torch.Tensor], float, float]]:
+        """(v_{t-1}, beta2, eps) per parameter: the measurement divides the halves by sqrt(v_t) + eps, v_t the
+        second moment this step's update will hold, computed from v_{t-1} (None before the first step) and
+        p.grad in the same pass without touching the state, so the measurement sees the v_t of Alg. 2 and
+        the update stays torch's own."""
+        return [(self.state.get(p, {}).get("exp_avg_sq"), float(g["betas"][1]), g["eps"])
+                for g in self.param_groups for p in g["params"]]

@@ -13,7 +13,7 @@ The update is exactly torch.optim.SGD's with lr = group lr * mu_i.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -21,14 +21,17 @@ from ._base import AGVMMixin
 
 
 class AGVMSGD(AGVMMixin, torch.optim.SGD):
-    """SGD (torch.optim.SGD semantics: momentum, dampening, nesterov, weight decay) with AGVM.
+    """torch.optim.SGD with AGVM: the same arguments in the same order with the same defaults, then
+    AGVM's, keyword-only.
 
     Args:
         params: param groups, each with a ``"module"`` key (see ``agvm.param_groups``).
-        lr, momentum, weight_decay, dampening, nesterov, foreach, maximize: as torch.optim.SGD.
+        lr, momentum, dampening, weight_decay, nesterov, maximize, foreach, differentiable, fused: as
+            torch.optim.SGD, except that ``fused=None`` with ``foreach=None`` (the defaults) selects
+            torch's fused kernel whenever every parameter is a floating-point tensor on a device that
+            has one (CPU and CUDA); pass ``fused=False`` for torch's own default implementation.
         interval: tau, measure every ``interval`` steps (a step t, counted from 1, measures when
             t % interval == phase).
-        phase: in [0, interval); 1 reproduces the authors' code (0-based counter: measures at t = 1, tau + 1, ...).
         alpha: momentum of mu (Eq. 42), in [0, 1).
         mu_clip: (low, high) clip of mu~ (appendix A.6: (0.1, 10)).
         var_eps: epsilon added to both variances in the ratio.
@@ -37,17 +40,22 @@ class AGVMSGD(AGVMMixin, torch.optim.SGD):
             e.g. (0.5, 10.0); None follows the appendix.
         start_iter: mu stays 1 before this step (Phi is still measured); the authors' runs start
             AGVM after warm-up.
+        phase: in [0, interval); 1 reproduces the authors' code (0-based counter: measures at t = 1, tau + 1, ...).
     """
 
     def __init__(
         self,
         params,
-        lr: float = 0.02,
-        momentum: float = 0.9,
-        weight_decay: float = 1e-4,
-        dampening: float = 0.0,
+        lr: Union[float, torch.Tensor] = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: Union[float, torch.Tensor] = 0,
         nesterov: bool = False,
         *,
+        maximize: bool = False,
+        foreach: Optional[bool] = None,
+        differentiable: bool = False,
+        fused: Optional[bool] = None,
         interval: int = 10,
         alpha: float = 0.97,
         mu_clip: Tuple[float, float] = (0.1, 10.0),
@@ -56,9 +64,7 @@ class AGVMSGD(AGVMMixin, torch.optim.SGD):
         ratio_clip: Optional[Tuple[float, float]] = None,
         start_iter: int = 0,
         phase: int = 0,
-        foreach: Optional[bool] = None,
-        maximize: bool = False,
     ):
-        super().__init__(params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                         nesterov=nesterov, foreach=foreach, maximize=maximize)
-        self._agvm_init(interval, alpha, mu_clip, var_eps, anchor, ratio_clip, start_iter, phase)
+        super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, maximize=maximize,
+                         foreach=foreach, differentiable=differentiable, fused=fused)
+        self._agvm_init(interval, alpha, mu_clip, var_eps, anchor, ratio_clip, start_iter, phase, fused, foreach)

@@ -55,7 +55,8 @@ def agvm_opt(cls, model, **kw):
 
 
 def torch_opt(cls, model, **kw):
-    return cls([{"params": g["params"]} for g in agvm.param_groups(model)], **kw)
+    """torch's optimizer with its fused kernel: the AGVM optimizers' default implementation on a CPU."""
+    return cls([{"params": g["params"]} for g in agvm.param_groups(model)], fused=True, **kw)
 
 
 SGD_KW = dict(lr=0.1, momentum=0.9, weight_decay=1e-4)
@@ -89,7 +90,7 @@ def test_update_is_torch_update_with_lr_times_mu(cls, ref_cls, kw):
     opt = agvm_opt(cls, m1, interval=1, alpha=0.5, **kw)
     refs = {}
     for g in agvm.param_groups(m1):
-        refs[g["module"]] = ref_cls([copy.deepcopy(p) for p in g["params"]], **kw)
+        refs[g["module"]] = ref_cls([copy.deepcopy(p) for p in g["params"]], fused=True, **kw)
     ref_params = {k: [p for grp in o.param_groups for p in grp["params"]] for k, o in refs.items()}
     for x, y in data(4):
         ga, gb = half_grads(m1, opt, x, y)

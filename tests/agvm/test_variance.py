@@ -49,8 +49,11 @@ def test_module_without_gradient_gives_nan_and_missing_halves_are_zero():
 
 def test_denominators_divide_the_halves_and_adam_denominator_matches_alg2():
     g = torch.Generator().manual_seed(1)
-    a, b, d = torch.randn(10, generator=g), torch.randn(10, generator=g), torch.rand(10, generator=g) + 0.5
-    divided = module_stats([a, None], [b, None], [0, 0], 1, denom=lambda k, out: out.copy_(d))
+    a, b, grad, v = (torch.randn(10, generator=g) for _ in range(4))
+    v = v.abs()
+    d = (0.99 * v + 0.01 * (grad / 4) ** 2).sqrt() + 1e-3  # a GradScaler's scale 4 taken out of p.grad
+    divided = module_stats([a, None], [b, None], [0, 0], 1, precond=[(v, 0.99, 1e-3), (None, 0.99, 1e-3)],
+                           grads=[grad, None], inv_scale=0.25)
     direct = module_stats([a / d], [b / d], [0], 1)
     assert torch.allclose(divided, direct, rtol=1e-6)
     grad, v = torch.randn(4, generator=g), torch.rand(4, generator=g)

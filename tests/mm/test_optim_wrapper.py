@@ -119,8 +119,8 @@ def test_clipping_acts_on_full_gradient_not_on_phi():
     model_a, model_b = Tiny(), Tiny()
     model_b.load_state_dict(model_a.state_dict())
     batches = [_batch(i) for i in range(2)]
-    ow = _build(model_a, dict(type="AGVMSGD", lr=0.1, interval=1), type="AGVMOptimWrapper",
-                clip_grad=dict(max_norm=0.01))
+    ow = _build(model_a, dict(type="AGVMSGD", lr=0.1, momentum=0.9, weight_decay=1e-4, interval=1),
+                type="AGVMOptimWrapper", clip_grad=dict(max_norm=0.01))
     wrapped = AGVMTwoHalves(model_a).train()
     for b in batches:
         wrapped.train_step(b, ow)
