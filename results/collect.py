@@ -1,9 +1,11 @@
 """Collect finished runs and tabulate them against the paper: ``python -m results.collect`` (``make tables``).
 
-Every finished run is a ``work_dirs/<experiment>/<run>/metrics.json`` (written by ``agvm.mm.train.train``).
-Each run is matched to a paper id ``<table>/<pipeline>/bs<B>/<optimizer>`` (results/paper/numbers.yaml): from
-the experiment folder's run list when it names one (experiments/<experiment>/), else from the run name, which
-follows the config names ``<pipeline>_<backbone>_bs<B>_<optimizer>[...]``. For each table of the paper this
+Every finished run is a ``work_dirs/<experiment>/<run>/metrics.json`` (written by ``agvm.mm.train.train``; a run
+stopped by a NaN / Inf loss writes ``{"status": "diverged", "iter": ...}`` and is shown as "diverged", next to the
+paper's own "diverged" rows). Each run is matched to a paper id ``<table>/<pipeline>/bs<B>/<optimizer>``
+(results/paper/numbers.yaml): from the ``paper`` of the ``run.json`` the launcher (slurm.submit) wrote into the
+work dir, else a ``paper_id`` in metrics.json, else from the run name, which follows the config names
+``<pipeline>_<backbone>_bs<B>_<optimizer>[...]``. For each table of the paper this
 writes ``results/tables/<table>.md`` and ``.csv``: our number, the paper's, the difference, the source and its
 trust level (A = authors' own material, B = unattributed secondary summary). Runs that are not there are shown
 as "missing", never as zero; runs that match no table go to ``other_runs.md``.
@@ -15,13 +17,14 @@ import csv
 import io
 import json
 import math
-import os
 import re
 import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+from agvm.fileio import write_text_atomic
 
 from .numbers import METRIC_LABELS, PaperNumber, PaperNumbers, load_numbers, parse_id
 
@@ -113,6 +116,15 @@ class Run:
     def label(self) -> str:
         return f"{self.experiment}/{self.name}"
 
+    @property
+    def diverged(self) -> bool:
+        """metrics.json says the run diverged (``"status": "diverged"``; ``"diverged": true`` in older files)."""
+        return self.raw.get("status") == "diverged" or self.raw.get("diverged") is True
+
+    def value(self, metric: str) -> Optional[float]:
+        """Our number for ``metric``: NaN for a diverged run, None when the run did not report it."""
+        return math.nan if self.diverged else self.metrics.get(metric)
+
 
 def extract_metrics(raw: dict) -> Dict[str, float]:
     """Our metrics (percent) from a metrics.json mapping; a flat mapping or one nested under 'metrics'."""
@@ -128,8 +140,6 @@ def extract_metrics(raw: dict) -> Dict[str, float]:
         except (TypeError, ValueError):
             continue
         out.setdefault(metric, v * factor if math.isfinite(v) else float("nan"))
-    if raw.get("diverged") is True:
-        out = {m: float("nan") for m in (out or {"box_ap": 0.0})}
     return out
 
 
@@ -203,41 +213,18 @@ def ids_from_name(experiment: str, name: str) -> List[str]:
     return out
 
 
-def ids_from_experiments(experiments_dir: Path) -> Dict[Tuple[str, str], List[str]]:
-    """(experiment, run) -> paper ids, from the experiment folders' run lists (issue 6's format), when readable.
-
-    Uses the launcher's loader (slurm.experiment.load_experiment) when importable; otherwise nothing (the run names
-    are used)."""
-    out: Dict[Tuple[str, str], List[str]] = {}
-    if not experiments_dir.is_dir():
-        return out
-    try:
-        from slurm.experiment import load_experiment  # issue 6's loader: experiments/<name>/experiment.yaml
-    except Exception:  # the launcher is optional for tables: fall back to run names
-        return out
-    for folder in sorted(p for p in experiments_dir.iterdir() if p.is_dir()):
-        if not (folder / "experiment.yaml").is_file():
-            continue
-        try:
-            exp = load_experiment(folder, check_configs=False)
-        except Exception as err:  # an invalid folder must not stop the tables
-            print(f"[tables] experiment {folder.name}: not read ({err})", file=sys.stderr)
-            continue
-        runs = exp.runs.values() if isinstance(exp.runs, dict) else exp.runs
-        for run in runs:
-            paper = getattr(run, "paper", None)
-            if paper:
-                out[(folder.name, run.name)] = [paper] if isinstance(paper, str) else list(paper)
-    return out
-
-
-def assign_ids(runs: Sequence[Run], experiments_dir: Optional[Path]) -> None:
-    declared = ids_from_experiments(experiments_dir) if experiments_dir else {}
+def assign_ids(runs: Sequence[Run]) -> None:
+    """Each run's paper ids: the ``paper`` the launcher recorded in ``<work dir>/run.json``, else metrics.json's
+    ``paper_id``, else from the run name."""
     for run in runs:
-        ids = declared.get((run.experiment, run.name)) or declared.get((run.experiment, run.name.split("/")[0]))
-        if not ids and isinstance(run.raw.get("paper_id"), str):
-            ids = [run.raw["paper_id"]]
-        run.paper_ids = list(ids) if ids else ids_from_name(run.experiment, run.name)
+        try:
+            declared = json.loads((run.path / "run.json").read_text()).get("paper")
+        except (OSError, ValueError, AttributeError):
+            declared = None
+        declared = declared or run.raw.get("paper_id")
+        if isinstance(declared, str):
+            declared = [declared]
+        run.paper_ids = list(declared) if declared else ids_from_name(run.experiment, run.name)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Rows
@@ -254,7 +241,7 @@ class Row:
 
     @property
     def ours(self) -> List[float]:
-        return [r.metrics[self.metric] for r in self.runs if self.metric in r.metrics]
+        return [v for v in (r.value(self.metric) for r in self.runs) if v is not None]
 
     @property
     def status(self) -> str:
@@ -283,7 +270,8 @@ class Row:
         if self.status == "no metric":
             return f"no {METRIC_LABELS[self.metric]} in metrics.json"
         if self.status == "diverged":
-            return "diverged (NaN)"
+            at = sorted({r.raw["iter"] for r in self.runs if r.diverged and isinstance(r.raw.get("iter"), int)})
+            return "diverged" + (f" (iter {', '.join(map(str, at))})" if at else " (NaN)")
         mean, std, n = self.ours_mean(), self.ours_std(), len(self.ours)
         return f"{mean:.1f}" + (f" ± {std:.1f} (n={n})" if std is not None else "")
 
@@ -298,6 +286,8 @@ class Row:
             return "both diverged"
         if self.paper is not None and self.paper.outcome == "diverged" and self.status == "done":
             return "ours trains"
+        if self.paper is not None and self.status == "diverged":
+            return "ours diverged"
         return "–"
 
 
@@ -398,7 +388,9 @@ def other_runs_markdown(runs: Sequence[Run]) -> str:
     lines += ["| run | metrics (percent) |", "|---|---|"]
     for r in runs:
         ms = ", ".join(f"{METRIC_LABELS[m]} {v:.1f}" for m, v in sorted(r.metrics.items())) or "(no known metric)"
-        lines.append(f"| {r.label} | {ms} |")
+        if r.diverged:
+            ms = f"diverged at iter {r.raw.get('iter', '?')}: {r.raw.get('reason', 'NaN')}"
+        lines.append(f"| {r.label} | {_md_escape(ms)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -408,18 +400,11 @@ def claims_markdown(paper: PaperNumbers) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def collect(work_dirs: Path, out: Path, numbers_file: Optional[Path] = None,
-            experiments_dir: Optional[Path] = REPO / "experiments") -> Dict[str, List[Row]]:
+def collect(work_dirs: Path, out: Path, numbers_file: Optional[Path] = None) -> Dict[str, List[Row]]:
     """Write ``<out>/<table>.md/.csv``, ``other_runs.md``, ``claims.md`` and ``README.md``; return the rows."""
     paper = load_numbers(numbers_file) if numbers_file else load_numbers()
     runs = find_runs(Path(work_dirs))
-    assign_ids(runs, experiments_dir)
+    assign_ids(runs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     all_rows: Dict[str, List[Row]] = {}
@@ -427,11 +412,11 @@ def collect(work_dirs: Path, out: Path, numbers_file: Optional[Path] = None,
     for spec in TABLES:
         rows = build_rows(spec, paper, runs)
         all_rows[spec.name] = rows
-        _write_atomic(out / f"{spec.name}.md", rows_to_markdown(spec, rows, paper))
-        _write_atomic(out / f"{spec.name}.csv", rows_to_csv(rows))
+        write_text_atomic(out / f"{spec.name}.md", rows_to_markdown(spec, rows, paper))
+        write_text_atomic(out / f"{spec.name}.csv", rows_to_csv(rows))
     other = [r for r in runs if not any(pid.split("/")[0] in known_tables for pid in r.paper_ids)]
-    _write_atomic(out / "other_runs.md", other_runs_markdown(other))
-    _write_atomic(out / "claims.md", claims_markdown(paper))
+    write_text_atomic(out / "other_runs.md", other_runs_markdown(other))
+    write_text_atomic(out / "claims.md", claims_markdown(paper))
     index = ["# Results tables", "", f"Finished runs found under `{work_dirs}`: {len(runs)} "
              f"({len(other)} match no paper table: other_runs.md).", "",
              "| table | rows | with our result | missing | with a paper number (A / B) |", "|---|---|---|---|---|"]
@@ -443,7 +428,7 @@ def collect(work_dirs: Path, out: Path, numbers_file: Optional[Path] = None,
                      f"{sum(r.status in ('done', 'diverged') for r in rows)} | "
                      f"{sum(r.status == 'missing' for r in rows)} | {a} / {b} |")
     index += ["", "Also: [claims.md](claims.md) (the paper's claims), [other_runs.md](other_runs.md).", ""]
-    _write_atomic(out / "README.md", "\n".join(index))
+    write_text_atomic(out / "README.md", "\n".join(index))
     return all_rows
 
 
@@ -452,10 +437,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--work-dirs", default="work_dirs", help="root of the run work dirs (default: work_dirs)")
     ap.add_argument("--out", default="results/tables", help="output folder (default: results/tables)")
     ap.add_argument("--numbers", default=None, help="paper numbers file (default: results/paper/numbers.yaml)")
-    ap.add_argument("--experiments", default=str(REPO / "experiments"), help="experiment folders (run -> paper id)")
     args = ap.parse_args(argv)
-    rows = collect(Path(args.work_dirs), Path(args.out), Path(args.numbers) if args.numbers else None,
-                   Path(args.experiments))
+    rows = collect(Path(args.work_dirs), Path(args.out), Path(args.numbers) if args.numbers else None)
     n_done = sum(r.status in ("done", "diverged") for rs in rows.values() for r in rs)
     n_all = sum(len(rs) for rs in rows.values())
     print(f"[tables] {n_done} of {n_all} table rows have our result; wrote {args.out}/README.md and "
@@ -464,4 +447,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from agvm.cli import run
+
+    sys.exit(run(main))

@@ -57,7 +57,7 @@ def test_duplicate_number_rejected(tmp_path):
 
 def test_no_runs_everything_missing_never_zero(tmp_path):
     out = tmp_path / "tables"
-    rows = C.collect(tmp_path / "no_work_dirs", out, experiments_dir=None)
+    rows = C.collect(tmp_path / "no_work_dirs", out)
     for spec in C.TABLES:
         assert (out / f"{spec.name}.md").is_file() and (out / f"{spec.name}.csv").is_file()
         for r in _csv(out / f"{spec.name}.csv"):
@@ -86,7 +86,7 @@ def test_runs_matched_by_name_with_difference_and_seeds(tmp_path):
     bad.mkdir(parents=True)
     (bad / "metrics.json").write_text("{not json")
     out = tmp_path / "tables"
-    rows = C.collect(wd, out, experiments_dir=None)
+    rows = C.collect(wd, out)
 
     t1 = {(r["id"], r["metric"]): r for r in _csv(out / "table1.csv")}
     r = t1[("table1/faster_rcnn/bs512/agvm_sgd", "box_ap")]
@@ -118,7 +118,7 @@ def test_experiment_named_after_table_and_explicit_paper_id(tmp_path):
     wd = tmp_path / "wd"
     _run(wd, "authors_code", "faster_rcnn_r50_bs256_agvm_sgd", {"coco/bbox_mAP": 0.371})
     _run(wd, "custom", "my_run", {"paper_id": "retinanet/retinanet_r18/bs10k/agvm", "coco/bbox_mAP": 0.25})
-    C.collect(wd, tmp_path / "out", experiments_dir=None)
+    C.collect(wd, tmp_path / "out")
     ac = {(r["id"], r["metric"]): r for r in _csv(tmp_path / "out" / "authors_code.csv")}
     assert float(ac[("authors_code/faster_rcnn/bs256/agvm_sgd", "box_ap")]["diff"]) == pytest.approx(0.0)
     rn = {(r["id"], r["metric"]): r for r in _csv(tmp_path / "out" / "retinanet.csv")}
@@ -130,31 +130,61 @@ def test_cli(tmp_path, capsys):
     assert "0 of" in capsys.readouterr().out
 
 
-def test_paper_id_declared_by_experiment_folder(tmp_path):
-    pytest.importorskip("slurm.experiment")
-    exp = tmp_path / "repo" / "experiments" / "mine"
-    exp.mkdir(parents=True)
-    (exp / "experiment.yaml").write_text(yaml.safe_dump({"runs": [{
-        "name": "odd_name", "config": "configs/none.py", "batch_size": 512,
-        "paper": "table1/faster_rcnn/bs512/sgd"}]}))
+def test_paper_id_recorded_by_the_launcher_in_run_json(tmp_path):
     wd = tmp_path / "wd"
-    _run(wd, "mine", "odd_name", {"coco/bbox_mAP": 0.35})
-    C.collect(wd, tmp_path / "out", experiments_dir=exp.parent)
+    d = _run(wd, "mine", "odd_name", {"coco/bbox_mAP": 0.35})
+    (d / "run.json").write_text(json.dumps({"experiment": "mine", "run": "odd_name",
+                                            "paper": "table1/faster_rcnn/bs512/sgd", "metric": "box_ap"}))
+    C.collect(wd, tmp_path / "out")
     t1 = {(r["id"], r["metric"]): r for r in _csv(tmp_path / "out" / "table1.csv")}
     r = t1[("table1/faster_rcnn/bs512/sgd", "box_ap")]
     assert r["runs"] == "mine/odd_name" and float(r["diff"]) == pytest.approx(-0.8)
 
 
+def test_diverged_runs_against_the_papers_diverged_rows(tmp_path):
+    """metrics.json {"status": "diverged"} (agvm.mm.train's DivergenceHook): "diverged" in every metric row of the
+    run's id, compared with the paper's own diverged rows (numbers.yaml outcome: diverged) and with its numbers."""
+    wd = tmp_path / "wd"
+    diverged = {"status": "diverged", "iter": 37, "epoch": 0, "reason": "the loss non-finite in 3 consecutive iteration(s)"}
+    _run(wd, "uninet_htcx", "htc_x_uninet_g_bs960_adamw", diverged)          # paper: diverged too
+    _run(wd, "uninet_htcx", "htc_x_uninet_g_bs960_agvm_adamw", diverged)     # paper: 62.2 / 53.4
+    _run(wd, "retinanet", "retinanet_r18_bs10k_pmd_lamb", {"coco/bbox_mAP": 0.2})  # paper: diverged, ours trains
+    out = tmp_path / "out"
+    C.collect(wd, out)
+    rows = {(r["id"], r["metric"]): r for r in _csv(out / "uninet_htcx.csv")}
+    both = rows[("uninet_htcx/htc_x/bs960/adamw", "box_ap")]
+    assert both["status"] == "diverged" and both["ours"] == "nan" and both["paper_outcome"] == "diverged"
+    for metric in ("box_ap", "mask_ap"):  # a diverged run has no metric at all, yet every metric row says so
+        assert rows[("uninet_htcx/htc_x/bs960/agvm_adamw", metric)]["status"] == "diverged"
+    md = (out / "uninet_htcx.md").read_text()
+    assert "| htc_x | 960 | adamw | box AP | diverged (iter 37) | diverged (NaN) [B] | both diverged |" in md
+    assert "| htc_x | 960 | agvm_adamw | box AP | diverged (iter 37) | 62.2 [A] | ours diverged |" in md
+    rn = (out / "retinanet.md").read_text()
+    assert "| retinanet_r18 | 10k | pmd_lamb | box AP | 20.0 | diverged (NaN) [B] | ours trains |" in rn
+
+
+def test_results_do_not_import_the_launcher():
+    """slurm/ and results/ do not import each other (checked on the source: every import statement)."""
+    import ast
+
+    for pkg, other in (("results", "slurm"), ("slurm", "results")):
+        for f in (Path(C.REPO) / pkg).glob("*.py"):
+            for node in ast.walk(ast.parse(f.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                assert not any(n == other or n.startswith(other + ".") for n in names), f"{f} imports {other}"
+
+
 def test_every_experiment_paper_id_has_a_table():
-    """The ids the experiment folders (issue 6) declare land in one of the tables."""
+    """The ids the experiment folders declare (slurm.submit writes them into run.json) land in one of the tables."""
     se = pytest.importorskip("slurm.experiment")
     exps = Path(C.REPO) / "experiments"
-    ids = C.ids_from_experiments(exps)
     folders = [p for p in exps.iterdir() if (p / "experiment.yaml").is_file()] if exps.is_dir() else []
     if not folders:
         pytest.skip("no experiment folders yet")
-    unknown = sorted({pid for v in ids.values() for pid in v if pid.split("/")[0] not in C.TABLE_BY_NAME})
+    declared = {run.paper for f in folders for run in se.load_experiment(f, check_configs=False).runs.values()
+                if run.paper}
+    unknown = sorted(pid for pid in declared if pid.split("/")[0] not in C.TABLE_BY_NAME)
     assert not unknown, f"paper ids with no table: {unknown}"
-    declared = {pid for v in ids.values() for pid in v}
     assert "table1/faster_rcnn/bs512/agvm_sgd" in declared
     assert "authors_code/faster_rcnn/bs512/agvm_sgd" in declared
