@@ -14,6 +14,7 @@ OPTIM_WRAPPERS                ClipWindowOptimWrapper               OptimWrapper 
 PARAM_SCHEDULERS              ExpWarmupLR                          exponential warm-up (authors' code)
 MODEL_WRAPPERS                AGVMTwoHalves                        one-process two-micro-batch train_step
 HOOKS                         AGVMHook                             DDP hook + Phi/mu logging
+HOOKS                         DivergenceHook                       stops a run whose loss turns NaN / Inf
 RUNNERS                       AGVMRunner                           atomic checkpoints, model wrapping
 ============================  ===================================  =====================================
 
@@ -43,7 +44,7 @@ def register_all() -> None:
 
     import agvm
 
-    from .hooks import AGVMHook
+    from .hooks import AGVMHook, DivergenceHook
     from .optim import (AGVMAmpOptimWrapper, AGVMOptimWrapper, AGVMOptimWrapperConstructor, AGVMTwoHalves,
                         ClipWindowOptimWrapper)
     from .runner import AGVMRunner
@@ -63,6 +64,7 @@ def register_all() -> None:
     PARAM_SCHEDULERS.register_module(module=ExpWarmupParamScheduler, force=True)
     MODEL_WRAPPERS.register_module(module=AGVMTwoHalves, force=True)
     HOOKS.register_module(module=AGVMHook, force=True)
+    HOOKS.register_module(module=DivergenceHook, force=True)
     RUNNERS.register_module(module=AGVMRunner, force=True)
     from .amp import patch_mmcv_bf16
 

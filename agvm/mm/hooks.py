@@ -8,30 +8,46 @@
   TensorboardVisBackend) and one JSON line to ``<work_dir>/agvm_variance.jsonl``:
   ``{"iter", "epoch", "phi": {module: float}, "mu": {module: float}, "lr", "batch_size", "optimizer"}``
   (``iter``: iterations completed, 1-based; ``lr``: the scheduler's lr before mu; non-finite -> null).
+  A measurement the optimizer rejected (NaN / Inf halves, no anchor gradient) is logged with every Phi and mu
+  null and ``"rejected": true``, never as a repeat of the last good one.
 - ``after_val_epoch``: remembers the metrics (``train()`` writes the final ones to metrics.json).
+
+``DivergenceHook(patience=3)`` (added by ``AGVMRunner`` when the config has none) stops training with
+``TrainingDiverged`` once the loss, or the gradient norm the optimizer wrapper logs when it clips, has been
+non-finite in ``patience`` consecutive iterations (all ranks agree on it), after writing
+``metrics.json = {"status": "diverged", "iter": ..., "epoch": ..., "reason": ...}``; the CLI exits with status 3.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
 import os.path as osp
 from typing import Dict, Optional
 
+import torch
 from mmengine.dist import get_world_size, is_main_process
 from mmengine.hooks import Hook
+from mmengine.optim import AmpOptimWrapper
 from torch.nn.parallel import DistributedDataParallel
+
+from agvm.fileio import write_json_atomic, write_text_atomic
 
 from .optim import is_agvm
 
-__all__ = ["AGVMHook", "VARIANCE_LOG"]
+__all__ = ["AGVMHook", "DivergenceHook", "TrainingDiverged", "VARIANCE_LOG"]
 
 VARIANCE_LOG = "agvm_variance.jsonl"
+METRICS_FILE = "metrics.json"
 
 
 def _finite(x) -> Optional[float]:
     x = float(x)
     return x if math.isfinite(x) else None
+
+
+def _num_rejected(opt) -> int:
+    """Measurements the optimizer has rejected so far (its Modulator counts them)."""
+    return int(getattr(getattr(opt, "modulator", None), "num_rejected", 0))
 
 
 class AGVMHook(Hook):
@@ -45,6 +61,7 @@ class AGVMHook(Hook):
         self.last_metrics: Optional[Dict[str, float]] = None
         self.last_metrics_iter = -1
         self._last_t = -1
+        self._rejected = 0
         self._batch_size = 0
         self._ddp_registered = False
 
@@ -58,6 +75,7 @@ class AGVMHook(Hook):
         if not is_agvm(opt):
             return
         self._last_t = opt.t
+        self._rejected = _num_rejected(opt)
         per_rank = (runner.cfg.get("train_dataloader") or {}).get("batch_size") or 0
         accum = getattr(runner.optim_wrapper, "_accumulative_counts", 1)
         self._batch_size = int(per_rank * get_world_size() * accum)
@@ -72,10 +90,7 @@ class AGVMHook(Hook):
                 lines = [ln for ln in f if ln.strip()]
             keep = [ln for ln in lines if json.loads(ln).get("iter", 0) <= runner.iter]
             if len(keep) != len(lines):
-                tmp = path + ".tmp"
-                with open(tmp, "w") as f:
-                    f.writelines(keep)
-                os.replace(tmp, path)
+                write_text_atomic(path, "".join(keep))
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         opt = self._optimizer(runner)
@@ -85,13 +100,19 @@ class AGVMHook(Hook):
         if not opt.is_measurement_step(opt.t):
             return
         it = runner.iter + 1
-        phi = {m: _finite(v) for m, v in opt.variance.items()}
-        mu = {m: _finite(v) for m, v in opt.modulation.items()}
+        rejected, self._rejected = _num_rejected(opt) > self._rejected, _num_rejected(opt)
+        if rejected:  # nothing was measured: null, not the last good values again
+            phi, mu = dict.fromkeys(opt.modulation), dict.fromkeys(opt.modulation)
+        else:
+            phi = {m: _finite(v) for m, v in opt.variance.items()}
+            mu = {m: _finite(v) for m, v in opt.modulation.items()}
         if not is_main_process():
             return
         record = {"iter": it, "epoch": runner.epoch, "phi": phi, "mu": mu,
                   "lr": float(opt.param_groups[0]["lr"]), "batch_size": self._batch_size,
                   "optimizer": type(opt).__name__}
+        if rejected:
+            record["rejected"] = True
         with open(osp.join(runner.work_dir, self.log_file), "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tensorboard:
@@ -103,3 +124,52 @@ class AGVMHook(Hook):
         if metrics is not None:
             self.last_metrics = dict(metrics)
             self.last_metrics_iter = runner.iter
+
+
+class TrainingDiverged(RuntimeError):
+    """Training stopped on a non-finite loss or gradient; the CLI exits with ``exit_code``."""
+
+    exit_code = 3
+
+    def __init__(self, iteration: int, epoch: int, reason: str):
+        self.iteration, self.epoch, self.reason = iteration, epoch, reason
+        super().__init__(f"training diverged at iteration {iteration}: {reason}; metrics.json says "
+                         "\"status\": \"diverged\" (lower the lr, lengthen the warm-up or clip gradients)")
+
+
+class DivergenceHook(Hook):
+    """Stops a run whose loss or gradient norm is non-finite ``patience`` iterations in a row (see the module
+    docstring). With AMP an overflowing gradient is the loss scaler's business, so only the loss counts."""
+
+    priority = "ABOVE_NORMAL"  # before the checkpoint hook saves the iteration's weights
+
+    def __init__(self, patience: int = 3):
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            raise ValueError(f"DivergenceHook: patience must be an integer >= 1, got {patience!r}")
+        self.patience = patience
+        self.bad = 0
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        checks = {}  # what -> values that must be finite
+        if isinstance(outputs, dict) and outputs.get("loss") is not None:
+            checks["the loss"] = torch.as_tensor(outputs["loss"]).detach().float().reshape(-1)
+        hub = runner.message_hub
+        if not isinstance(runner.optim_wrapper, AmpOptimWrapper) and "train/grad_norm" in hub.log_scalars:
+            checks["the gradient norm"] = torch.tensor([float(hub.get_scalar("train/grad_norm").current())])
+        if not checks:
+            return
+        device = next(iter(checks.values())).device
+        flags = torch.stack([(~torch.isfinite(v.to(device))).any().float() for v in checks.values()])
+        if get_world_size() > 1:  # every rank stops at the same iteration, or the others would hang
+            import torch.distributed as dist
+
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        bad = [what for what, f in zip(checks, flags.tolist()) if f]
+        self.bad = self.bad + 1 if bad else 0
+        if self.bad >= self.patience:
+            err = TrainingDiverged(runner.iter + 1, runner.epoch, f"{' and '.join(bad)} non-finite in {self.bad} "
+                                   f"consecutive iteration(s) (DivergenceHook patience={self.patience})")
+            if is_main_process():
+                write_json_atomic(osp.join(runner.work_dir, METRICS_FILE), {
+                    "status": "diverged", "iter": err.iteration, "epoch": err.epoch, "reason": err.reason})
+            raise err

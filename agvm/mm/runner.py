@@ -4,7 +4,7 @@
   that exists is complete; ``latest_checkpoint`` picks the newest one.
 - ``wrap_model``: with an AGVM optimizer and no second rank, the model is wrapped in
   ``AGVMTwoHalves`` (two micro-batches per step); under DDP on CPU, DDP gets ``device_ids=None``.
-- An ``AGVMHook`` is added when the config has none.
+- An ``AGVMHook`` and a ``DivergenceHook`` are added when the config has none.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from mmengine.dist import get_world_size, is_main_process
 from mmengine.model import MMDistributedDataParallel, is_model_wrapper
 from mmengine.runner import Runner
 
-from .hooks import AGVMHook
+from .hooks import AGVMHook, DivergenceHook
 from .optim import AGVM_OPTIMIZERS, AGVMTwoHalves
 
 __all__ = ["AGVMRunner", "latest_checkpoint"]
@@ -46,6 +46,8 @@ class AGVMRunner(Runner):
         super().__init__(*args, **kwargs)
         if not any(isinstance(h, AGVMHook) for h in self._hooks):
             self.register_hook(AGVMHook())
+        if not any(isinstance(h, DivergenceHook) for h in self._hooks):
+            self.register_hook(DivergenceHook())
 
     def _uses_agvm(self) -> bool:
         ow = self.cfg.get("optim_wrapper") or {}
