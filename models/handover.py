@@ -24,7 +24,6 @@ CLI::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import tempfile
@@ -32,6 +31,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Mapping, Sequence
 
 import torch
+
+from agvm.fileio import write_json_atomic
 
 __all__ = ["HandoverReport", "HandoverError", "pretrain_to_detector", "o365_to_coco", "load_state_dict",
            "save_checkpoint", "convert_file", "target_shapes_from_config"]
@@ -237,9 +238,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     report = convert_file(a.kind, a.src, a.dst, a.target_config, a.allow_src_mask)
     print(report.summary())
     if a.report:
-        with open(a.report, "w") as f:
-            json.dump(asdict(report), f, indent=1)
+        write_json_atomic(a.report, asdict(report))
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from agvm.cli import run
+
+    sys.exit(run(main))

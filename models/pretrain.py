@@ -38,6 +38,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import agvm._compat
+from agvm.fileio import main_rank_lock, write_json_atomic
 
 agvm._compat.apply()
 
@@ -104,12 +105,6 @@ def save_atomic(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _write_json_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------------------------
 # data
 # ----------------------------------------------------------------------------------------------
@@ -147,7 +142,14 @@ def _dist_info() -> tuple:
 # ----------------------------------------------------------------------------------------------
 def train(cfg: Dict[str, Any], data_root: Optional[str] = None, work_dir: Optional[str] = None,
           resume: bool = True) -> Dict[str, Any]:
-    """Pre-train per ``cfg``; returns a summary (also written to ``<work_dir>/metrics.json``)."""
+    """Pre-train per ``cfg``; returns a summary (also written to ``<work_dir>/metrics.json``). The main rank
+    holds the work dir's lock (``agvm.fileio.WorkDirLock``) throughout: one run per work dir."""
+    work_dir = work_dir or cfg["work_dir"]
+    with main_rank_lock(work_dir, "models.pretrain"):
+        return _train(cfg, data_root, work_dir, resume)
+
+
+def _train(cfg: Dict[str, Any], data_root: Optional[str], work_dir: str, resume: bool) -> Dict[str, Any]:
     import timm
     import torchvision
     from timm.data import Mixup, create_transform
@@ -305,7 +307,7 @@ def train(cfg: Dict[str, Any], data_root: Optional[str] = None, work_dir: Option
                    checkpoint=str(work / cfg["export_name"]), resume_state=str(last),
                    seconds=round(time.time() - t0, 2), world_size=world, accumulation=accum)
     if rank == 0:
-        _write_json_atomic(summary, work / "metrics.json")
+        write_json_atomic(work / "metrics.json", summary)
     return summary
 
 
@@ -331,4 +333,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    from agvm.cli import run
+
+    raise SystemExit(run(main))

@@ -41,6 +41,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
+from agvm.fileio import write_json_atomic
+
 __all__ = ["CheckpointError", "load_checkpoint_file", "extract_state_dict", "detect_source", "remap_state_dict",
            "load_into_model", "evaluate", "evaluate_classifier", "write_results_files", "results_files_run", "main",
            "MMDET2_RULES"]
@@ -347,6 +349,8 @@ def evaluate(config: str, checkpoint: str, cfg_options: Optional[dict] = None, w
     if _is_classification_config(config):
         overrides = [f"{k}={v}" for k, v in (cfg_options or {}).items()]
         return evaluate_classifier(config, checkpoint, overrides, data_root, split, unsafe_load)
+    if not osp.isfile(checkpoint):  # before the data check and the model build (and mmengine's environment dump)
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}; give the path of a .pth / .safetensors file")
     from mmengine.model import is_model_wrapper
     from mmengine.runner import Runner
 
@@ -471,23 +475,13 @@ def evaluate_classifier(config: str, checkpoint: str, overrides: Sequence[str] =
     return {"accuracy/top1": 100.0 * top1 / n, "accuracy/top5": 100.0 * top5 / n, "num_images": float(n)}
 
 
-def _write_json_atomic(path: str, obj: Any) -> None:
-    os.makedirs(osp.dirname(osp.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m agvm.mm.evaluate",
                                 description="Evaluate a checkpoint with its config's metric (mmdet/mmseg test "
                                             "metric, or top-1/top-5 for a UniNet classification config).")
     p.add_argument("config")
     p.add_argument("checkpoint")
-    from mmengine.config import DictAction
-
-    p.add_argument("--cfg-options", nargs="+", action=DictAction, default={},
+    p.add_argument("--cfg-options", nargs="+", default=[],
                    help="key=value overrides, e.g. dataset=synthetic")
     p.add_argument("--work-dir", default=None, help="where mmengine writes its logs (default work_dirs/eval/<config>)")
     p.add_argument("--out", default=None, help="metrics JSON (default <work-dir>/eval_metrics.json)")
@@ -509,17 +503,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("[evaluate] results files written:\n  " + "\n  ".join(files))
         return 0
     try:
-        metrics = evaluate(a.config, a.checkpoint, dict(a.cfg_options), a.work_dir, a.unsafe_load,
+        from .train import parse_cfg_options
+
+        metrics = evaluate(a.config, a.checkpoint, parse_cfg_options(a.cfg_options), a.work_dir, a.unsafe_load,
                            a.data_root, a.split)
     except (CheckpointError, FileNotFoundError, ValueError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     out = a.out or osp.join(a.work_dir or osp.join("work_dirs", "eval", Path(a.config).stem), "eval_metrics.json")
-    _write_json_atomic(out, metrics)
+    write_json_atomic(out, metrics)
     print(json.dumps(metrics, indent=1, sort_keys=True))
     print(f"[evaluate] metrics written to {out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from agvm.cli import run
+
+    sys.exit(run(main))

@@ -23,6 +23,8 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from agvm.fileio import write_json_atomic
+
 from .panoptic import id2rgb
 
 __all__ = ["THING_CLASSES", "STUFF_CLASSES", "SEG_CLASSES", "make_coco", "make_ade", "make_all", "ensure",
@@ -102,14 +104,6 @@ def _write_image(path: str, rgb: np.ndarray) -> None:
         raise OSError(f"could not write {path}")
 
 
-def _write_json(path: str, obj) -> None:
-    os.makedirs(osp.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
-
-
 def _check(num_train: int, num_val: int, image_size: int) -> None:
     if num_train < 1 or num_val < 1:
         raise ValueError(f"num_train and num_val must be >= 1, got {num_train}, {num_val}")
@@ -155,11 +149,13 @@ def make_coco(root: str, num_train: int = 16, num_val: int = 8, image_size: int 
             _write_image(osp.join(root, "annotations", f"panoptic_{split}", name + ".png"), id2rgb(pan))
             pan_anns.append({"image_id": image_id, "file_name": name + ".png", "segments_info": segments})
         info = {"description": "AGVM synthetic shapes", "version": _VERSION}
-        _write_json(osp.join(root, "annotations", f"instances_{split}.json"),
-                    {"info": info, "images": images, "annotations": anns,
-                     "categories": [{k: v for k, v in c.items() if k != "isthing"} for c in thing_cats]})
-        _write_json(osp.join(root, "annotations", f"panoptic_{split}.json"),
-                    {"info": info, "images": images, "annotations": pan_anns, "categories": thing_cats + stuff_cats})
+        write_json_atomic(osp.join(root, "annotations", f"instances_{split}.json"),
+                          {"info": info, "images": images, "annotations": anns,
+                           "categories": [{k: v for k, v in c.items() if k != "isthing"} for c in thing_cats]},
+                          indent=None)
+        write_json_atomic(osp.join(root, "annotations", f"panoptic_{split}.json"),
+                          {"info": info, "images": images, "annotations": pan_anns,
+                           "categories": thing_cats + stuff_cats}, indent=None)
     return root
 
 
@@ -191,8 +187,8 @@ def default_root() -> str:
 def make_all(out: str, num_train: int = 16, num_val: int = 8, image_size: int = 96, seed: int = 0) -> str:
     make_coco(osp.join(out, "coco"), num_train, num_val, image_size, seed)
     make_ade(osp.join(out, "ade"), num_train, num_val, image_size, seed)
-    _write_json(osp.join(out, "done.json"), {"version": _VERSION, "num_train": num_train, "num_val": num_val,
-                                            "image_size": image_size, "seed": seed})
+    write_json_atomic(osp.join(out, "done.json"), {"version": _VERSION, "num_train": num_train, "num_val": num_val,
+                                                   "image_size": image_size, "seed": seed})
     return out
 
 

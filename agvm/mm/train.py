@@ -8,17 +8,24 @@ metric, writes ``<work_dir>/metrics.json`` (the final metrics as a flat ``{name:
 atomically) and returns the same dict. With ``resume=True`` it continues from the newest complete
 checkpoint in ``work_dir``. ``dataset=synthetic`` (an override) trains on the generated data
 (``agvm.mm.synthetic``; written to ``$AGVM_SYNTHETIC_ROOT`` or ``data/synthetic`` when missing).
+The main rank holds ``work_dir``'s lock for the whole call (one run per work dir); a run whose loss turns
+NaN / Inf raises ``agvm.mm.hooks.TrainingDiverged`` after writing ``metrics.json`` with ``"status": "diverged"``.
+The CLI prints any error as one line (``agvm.cli.run``; ``--debug`` for the traceback).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import os.path as osp
+import sys
 import uuid
 from typing import Dict, Optional
 
-__all__ = ["train", "load_config", "check_data_roots", "check_pretrained", "sync_bn_plan", "main"]
+from agvm.fileio import main_rank_lock, write_json_atomic
+
+__all__ = ["train", "load_config", "parse_cfg_options", "check_data_roots", "check_pretrained", "sync_bn_plan", "main"]
 
 ROOT_VARS = {"coco": "AGVM_COCO_ROOT", "ade20k": "AGVM_ADE_ROOT", "objects365": "AGVM_O365_ROOT",
              "imagenet": "AGVM_IMAGENET_ROOT"}
@@ -33,7 +40,14 @@ def load_config(config: str, cfg_options: Optional[dict] = None):
 
     if not osp.isfile(config):
         raise FileNotFoundError(f"config file not found: {config}")
-    cfg = Config.fromfile(config)
+    try:
+        cfg = Config.fromfile(config)
+    except SyntaxError:  # mmengine's message says "<unknown>"; Python's own parse names the file and line
+        import ast
+
+        with open(config) as f:
+            ast.parse(f.read(), filename=config)
+        raise
     options = dict(cfg_options or {})
     synthetic_size = options.pop("synthetic_image_size", None)
     if options:
@@ -121,13 +135,6 @@ def _to_float(v):
         return v
 
 
-def _write_json_atomic(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
-
-
 def _init_cpu_process_group(launcher: str) -> None:
     import torch
     import torch.distributed as dist
@@ -172,6 +179,19 @@ def resolve_start(cfg, resume: bool, latest_checkpoint) -> None:
                                 "(e.g. the previous stage's hand-over) or drop load_from")
 
 
+def _one_run_per_work_dir(fn):
+    """The main rank holds ``work_dir``'s lock (``agvm.fileio.WorkDirLock``) for the whole call, so a second run
+    on the same work dir stops at once with a message naming the first."""
+
+    @functools.wraps(fn)
+    def locked(config, work_dir, *args, **kwargs):
+        with main_rank_lock(work_dir, "agvm.mm.train"):
+            return fn(config, work_dir, *args, **kwargs)
+
+    return locked
+
+
+@_one_run_per_work_dir
 def train(config: str, work_dir: str, cfg_options: Optional[dict] = None, resume: bool = True,
           launcher: str = "none") -> Dict[str, float]:
     """Train ``config`` into ``work_dir``, evaluate, write ``metrics.json``; returns the final metrics."""
@@ -213,19 +233,25 @@ def train(config: str, work_dir: str, cfg_options: Optional[dict] = None, resume
         runner.logger.warning("the evaluation returned no metrics (e.g. no detection above the score threshold); "
                               "metrics.json is an empty dict")
     if is_main_process():
-        _write_json_atomic(osp.join(cfg.work_dir, "metrics.json"), metrics)
+        write_json_atomic(osp.join(cfg.work_dir, "metrics.json"), metrics)
     return metrics
 
 
-def _parse_options(items):
+def parse_cfg_options(items):
+    """``--cfg-options`` items (``key=value``) as a dict, through mmengine's DictAction."""
     from mmengine.config import DictAction
+
+    for item in items:
+        if "=" not in item or item.startswith("="):
+            raise ValueError(f"--cfg-options {item!r}: expected key=value, e.g. train_cfg.max_epochs=1 "
+                             "(no spaces around '=')")
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--cfg-options", nargs="+", action=DictAction, default={})
     return parser.parse_args(["--cfg-options", *items]).cfg_options if items else {}
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Train an AGVM mmdet/mmseg config (mmengine Runner).")
     p.add_argument("config")
     p.add_argument("--work-dir", required=True)
@@ -234,10 +260,13 @@ def main(argv=None) -> None:
     p.add_argument("--no-resume", action="store_true", help="start from scratch even if checkpoints exist")
     p.add_argument("--launcher", default="none", choices=["none", "pytorch", "slurm", "mpi"])
     a = p.parse_args(argv)
-    metrics = train(a.config, a.work_dir, _parse_options(a.cfg_options), resume=not a.no_resume,
+    metrics = train(a.config, a.work_dir, parse_cfg_options(a.cfg_options), resume=not a.no_resume,
                     launcher=a.launcher)
     print(json.dumps(metrics, indent=1, sort_keys=True))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from agvm.cli import run
+
+    sys.exit(run(main))

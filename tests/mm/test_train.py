@@ -97,10 +97,10 @@ def test_exp_warmup_schedule():
 
 
 def test_cli_options_and_missing_config(tmp_path):
-    from agvm.mm.train import _parse_options, main
+    from agvm.mm.train import parse_cfg_options, main
 
-    o = _parse_options(["dataset=synthetic", "train_cfg.max_epochs=1", "model.neck.in_channels=[64,128]"])
+    o = parse_cfg_options(["dataset=synthetic", "train_cfg.max_epochs=1", "model.neck.in_channels=[64,128]"])
     assert o == {"dataset": "synthetic", "train_cfg.max_epochs": 1, "model.neck.in_channels": [64, 128]}
-    assert _parse_options([]) == {}
+    assert parse_cfg_options([]) == {}
     with pytest.raises(FileNotFoundError, match="config file not found"):
         main([str(tmp_path / "nope.py"), "--work-dir", str(tmp_path / "w")])
