@@ -1,9 +1,11 @@
 """Where a run stands, read from its work dir: ``work_dirs/<experiment>/<run>/``.
 
 A work dir holds ``run.json`` (the resolved run: config, cfg options, resources, paper id; written at
-submission), ``job.json`` (the submitit job: cluster, job id, log paths), ``attempts.jsonl`` (one line per
-start of the job, so requeues are visible), the entry point's logs and checkpoints, and ``metrics.json``
-(the final metrics: the run is done).
+submission), ``job.json`` (the submitit job: cluster, job id, host, log paths), ``attempts.jsonl`` (one line per
+start of the job, so requeues are visible), ``outcome.json`` (how the job ended: done, or failed with a
+one-line error), the entry point's logs and checkpoints, and ``metrics.json`` (the final metrics: the run is
+done; ``"status": "diverged"``: it stopped on a NaN / Inf loss). Only these JSON files are read: never
+submitit's result pickles, whose unpickling could run code.
 """
 from __future__ import annotations
 
@@ -11,13 +13,14 @@ import json
 import os
 import re
 import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
-from .trainer import METRICS_FILE
+from .trainer import METRICS_FILE, OUTCOME_FILE
 
-__all__ = ["work_dirs_root", "run_dir", "read_json", "RunState", "run_state", "ACTIVE_SLURM_STATES"]
+__all__ = ["work_dirs_root", "run_dir", "read_json", "RunState", "run_state", "job_error", "ACTIVE_SLURM_STATES"]
 
 ACTIVE_SLURM_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED",
                        "REQUEUE_HOLD", "REQUEUE_FED"}
@@ -68,6 +71,8 @@ def _job_state(job: Dict[str, Any]) -> str:
         except Exception:  # noqa: BLE001 - status must never fail on a scheduler hiccup
             return "UNKNOWN"
     if cluster == "local" and job_id.isdigit():
+        if job.get("host", socket.gethostname()) != socket.gethostname():
+            return "UNKNOWN"  # a process on another machine: its pid means nothing here
         return "RUNNING" if _pid_alive(int(job_id)) else "ENDED"
     return "ENDED"
 
@@ -110,12 +115,18 @@ def progress(work_dir: Path) -> Tuple[str, Optional[str]]:
 
 @dataclass
 class RunState:
-    state: str  # done, running, queued, failed, stopped, not submitted, ...
+    state: str  # done, diverged at iter N, running, queued, failed: ..., stopped, not submitted, ...
     progress: str
     last: Optional[str]
     metrics: Optional[Dict[str, Any]]
     job: Optional[Dict[str, Any]]
     attempts: int
+    active: bool = False  # its job is pending or running: do not submit it again
+
+    @property
+    def finished(self) -> bool:
+        """metrics.json is there: the run ended (done or diverged)."""
+        return self.metrics is not None
 
 
 def _attempts(work_dir: Path) -> int:
@@ -125,21 +136,11 @@ def _attempts(work_dir: Path) -> int:
         return 0
 
 
-def _error_of(job: Dict[str, Any]) -> Optional[str]:
-    """submitit's result pickle says whether the job raised (local / slurm)."""
-    folder, job_id = job.get("folder"), job.get("job_id")
-    if not folder or not job_id:
-        return None
-    import pickle
-
-    for p in Path(folder).glob(f"{job_id}_*result.pkl"):
-        try:
-            with open(p, "rb") as f:
-                outcome, value = pickle.load(f)
-        except Exception:  # noqa: BLE001
-            continue
-        if outcome == "error":
-            return str(value).strip().splitlines()[-1][:200]
+def job_error(work_dir: Path, job: Dict[str, Any]) -> Optional[str]:
+    """The one-line error the job recorded in outcome.json (only this job's, not an earlier job's)."""
+    outcome = read_json(Path(work_dir) / OUTCOME_FILE)
+    if outcome and outcome.get("status") == "failed" and str(outcome.get("job_id")) == str(job.get("job_id")):
+        return str(outcome.get("error") or "no message")[:300]
     return None
 
 
@@ -149,16 +150,22 @@ def run_state(work_dir: Path) -> RunState:
     prog, last = progress(work_dir) if work_dir.is_dir() else ("-", None)
     attempts = _attempts(work_dir)
     if metrics is not None:
+        if metrics.get("status") == "diverged":
+            return RunState(f"diverged at iter {metrics.get('iter', '?')}", prog, metrics.get("reason"), metrics,
+                            job, attempts)
         return RunState("done", "finished", last, metrics, job, attempts)
     if job is None:
         state = "stopped" if prog != "-" else "not submitted"
         return RunState(state, prog, last, None, None, attempts)
     sched = _job_state(job)
+    active = sched.upper() in ACTIVE_SLURM_STATES or sched == "SUBMITTED"
     if sched.upper() in ACTIVE_SLURM_STATES:
         state = "queued" if sched.upper() == "PENDING" and attempts == 0 else sched.lower()
     elif sched == "SUBMITTED":
         state = "submitted" if attempts == 0 else "started"
+    elif sched == "UNKNOWN":
+        state = f"unknown (job {job.get('job_id')} on {job.get('host', 'an unknown host')})"
     else:
-        err = _error_of(job)
+        err = job_error(work_dir, job)
         state = f"failed: {err}" if err else ("failed" if sched not in ("ENDED", "COMPLETED") else "ended without metrics")
-    return RunState(state, prog, last, None, job, attempts)
+    return RunState(state, prog, last, None, job, attempts, active)

@@ -7,8 +7,11 @@ Each run becomes one submitit job (one task per rank; see ``slurm.trainer``):
 - ``--cluster local``: submitit's local executor (one node, one subprocess per rank), run by run in
   dependency order, waiting for each; ``--cluster debug``: in this process, one rank (for pdb).
 
-A run whose ``metrics.json`` exists is finished and is skipped, unless ``--force`` (its old work dir is
-kept, renamed ``<run>.old-<time>``). A run already queued or running on SLURM is skipped too.
+A run whose ``metrics.json`` exists is finished (done or diverged) and is skipped, unless ``--force`` (its old
+work dir is kept, renamed ``<run>.old-<time>``). A run whose job is pending or running (on SLURM, or a local job
+of this machine) is never submitted again, ``--force`` or not: cancel the job first. One ``slurm.submit`` at a
+time per experiment: it holds the lock of ``<work dirs>/<experiment>/`` while it submits (and, for local and
+debug runs, while they run), so a second one stops with a message naming the first.
 ``--dry-run`` prints the plan (resources, per-rank batch, dependencies, paper ids) and submits nothing.
 """
 from __future__ import annotations
@@ -18,14 +21,18 @@ import dataclasses
 import fnmatch
 import os
 import shutil
+import socket
 import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from agvm.cli import one_line
+from agvm.fileio import WorkDirLock, write_json_atomic
+
 from .experiment import Experiment, ExperimentError, Run, load_experiment
-from .state import run_dir, run_state, work_dirs_root
-from .trainer import RunSpec, Trainer, write_json_atomic
+from .state import job_error, read_json, run_dir, run_state, work_dirs_root
+from .trainer import METRICS_FILE, RunSpec, Trainer
 
 __all__ = ["main", "plan", "select_runs", "make_spec", "executor_parameters", "submit_experiment"]
 
@@ -122,7 +129,7 @@ def _record(run_work_dir: Path, exp: Experiment, run: Run, spec: RunSpec, job: A
     run_work_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_work_dir / "job.json", {
         "cluster": cluster, "job_id": str(job.job_id), "folder": str(job.paths.folder), "submitted": time.time(),
-        "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr)})
+        "host": socket.gethostname(), "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr)})
 
 
 def _write_run_json(run_work_dir: Path, exp: Experiment, run: Run, spec: RunSpec) -> None:
@@ -155,6 +162,12 @@ def submit_experiment(exp: Experiment, cluster: str = "slurm", only: Optional[Se
     # jobs see the repository (the Trainer is unpickled by import) and the same python environment
     os.environ["PYTHONPATH"] = os.pathsep.join([str(exp.root)] + [p for p in os.environ.get("PYTHONPATH", "").split(
         os.pathsep) if p and Path(p).resolve() != exp.root.resolve()])
+    with WorkDirLock(work_dirs / exp.name, what="slurm.submit"):
+        return _submit_runs(submitit, exp, runs, selected, cluster, partition, account, force, work_dirs, setup, log)
+
+
+def _submit_runs(submitit, exp, runs, selected, cluster, partition, account, force, work_dirs, setup,
+                 log) -> Dict[str, str]:
     folder = work_dirs / exp.name / ".submitit"
     outcome: Dict[str, str] = {}
     job_ids: Dict[str, str] = {}  # run -> job id (slurm) for afterok
@@ -163,18 +176,19 @@ def submit_experiment(exp: Experiment, cluster: str = "slurm", only: Optional[Se
     for run in runs:
         wd = run_dir(work_dirs, exp.name, run.name)
         st = run_state(wd)
-        if st.state == "done":
+        if st.active:  # never twice, --force or not
+            outcome[run.name] = (f"skipped: already {st.state} as {st.job.get('cluster')} job {st.job.get('job_id')}"
+                                 + (" (scancel it first to re-run)" if force else ""))
+            log(f"{run.name}: {outcome[run.name]}")
+            if st.job.get("cluster") == "slurm":
+                job_ids[run.name] = str(st.job.get("job_id"))
+            continue
+        if st.finished:
             if not force:
-                outcome[run.name] = "skipped: finished (metrics.json present; --force to re-run)"
+                outcome[run.name] = f"skipped: finished, {st.state} (metrics.json present; --force to re-run)"
                 log(f"{run.name}: {outcome[run.name]}")
                 continue
             log(f"{run.name}: --force: old work dir kept as {_archive(wd)}")
-        elif cluster == "slurm" and st.job and st.state not in ("not submitted", "stopped") \
-                and not st.state.startswith("failed") and st.state != "ended without metrics" and not force:
-            outcome[run.name] = f"skipped: already {st.state} as job {st.job.get('job_id')}"
-            log(f"{run.name}: {outcome[run.name]}")
-            job_ids[run.name] = str(st.job.get("job_id"))
-            continue
         for d in run.depends_on:
             if d not in job_ids and d not in selected and run_state(run_dir(work_dirs, exp.name, d)).state != "done":
                 raise ExperimentError(f"run {run.name} depends on {d}, which is neither finished nor selected nor "
@@ -244,27 +258,29 @@ def _run_here(submitit, exp: Experiment, run: Run, spec: RunSpec, cluster: str, 
     _record(wd, exp, run, spec, job, cluster, folder)
     log(f"{run.name}: running as {cluster} job {job.job_id} ({run.resources.world_size} rank(s)); "
         f"logs: {job.paths.stdout}")
-    try:
-        if cluster == "debug" and not sys.stdin.isatty():
-            # submitit's debug jobs open pdb on an exception; without a terminal that would read a closed stdin
-            import pdb
-            from unittest import mock
+    fallback = None  # the error when the job recorded none
+    if cluster == "debug":  # runs here, now; the error is read back from outcome.json like a local job's
+        import pdb
+        from unittest import mock
 
-            with mock.patch.object(pdb, "post_mortem", lambda *a, **k: None):
+        try:  # submitit's debug jobs open pdb on an exception; only with a terminal
+            with mock.patch.object(pdb, "post_mortem", pdb.post_mortem if sys.stdin.isatty() else lambda *a: None):
                 job.results()
-        else:
-            job.results()  # every task (rank) of the job
-    except Exception as err:  # noqa: BLE001 - report and go on with independent runs
-        from .state import _error_of
-
-        lines = [x.strip() for x in str(err).strip().splitlines() if x.strip()]
-        msg = _error_of({"folder": str(job.paths.folder), "job_id": str(job.job_id)}) \
-            or next((x for x in reversed(lines) if "Error" in x or "Exception" in x), None) \
-            or (lines[-1] if lines else type(err).__name__)
-        log(f"{run.name}: FAILED after {time.time() - t0:.1f} s: {msg} (logs: {job.paths.stderr})")
-        return f"failed: {msg}"
-    log(f"{run.name}: done in {time.time() - t0:.1f} s -> {wd / 'metrics.json'}")
-    return "done"
+        except Exception as err:  # noqa: BLE001 - reported below, from outcome.json
+            fallback = one_line(err)
+    else:
+        job.wait()  # the subprocess's state only: submitit's result pickle is never read
+    metrics = read_json(wd / METRICS_FILE)
+    if metrics is not None and metrics.get("status") == "diverged":
+        msg = f"diverged at iter {metrics.get('iter', '?')}: {metrics.get('reason')}"
+    elif metrics is not None:
+        log(f"{run.name}: done in {time.time() - t0:.1f} s -> {wd / METRICS_FILE}")
+        return "done"
+    else:
+        msg = job_error(wd, {"job_id": str(job.job_id)}) or fallback or \
+            f"the job ended without writing {METRICS_FILE} or an error"
+    log(f"{run.name}: FAILED after {time.time() - t0:.1f} s: {msg} (logs: {job.paths.stderr})")
+    return f"failed: {msg}"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -283,16 +299,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--root", help="repository root the config paths are relative to (default: the experiment "
                                    "folder's grand-parent)")
     args = ap.parse_args(argv)
-    try:
-        exp = load_experiment(args.experiment, root=args.root)
-        outcome = submit_experiment(exp, cluster=args.cluster, only=args.only, partition=args.partition,
-                                    account=args.account, dry_run=args.dry_run, force=args.force,
-                                    work_dirs=work_dirs_root(exp.root, args.work_dirs), setup=args.setup)
-    except ExperimentError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    exp = load_experiment(args.experiment, root=args.root)  # errors: one line through agvm.cli.run
+    outcome = submit_experiment(exp, cluster=args.cluster, only=args.only, partition=args.partition,
+                                account=args.account, dry_run=args.dry_run, force=args.force,
+                                work_dirs=work_dirs_root(exp.root, args.work_dirs), setup=args.setup)
     return 1 if any(v.startswith("failed") for v in outcome.values()) else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from agvm.cli import run
+
+    sys.exit(run(main))

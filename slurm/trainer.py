@@ -1,11 +1,14 @@
 """The submitit job: one rank of one run (train -> on preemption checkpoint() -> requeue -> resume).
 
-``Trainer(spec)()`` runs on every task of the job. It builds the torch.distributed environment from
-submitit's ``JobEnvironment`` (RANK, WORLD_SIZE, LOCAL_RANK from the task ids, MASTER_ADDR = the first
-host of the SLURM node list, MASTER_PORT derived from the job id so every rank agrees), initialises the
-process group (NCCL on GPUs, gloo on CPU), checks that the total batch divides over the ranks, and calls
-the run's entry point, by default ``agvm.mm.train:train(config, work_dir, cfg_options, resume, launcher)``,
-which trains, checkpoints atomically and writes ``<work_dir>/metrics.json``.
+``Trainer(spec)()`` runs on every task of the job. It exports the torch.distributed environment with
+submitit's ``helpers.TorchDistributedEnvironment`` (RANK, WORLD_SIZE, LOCAL_RANK from the task ids,
+MASTER_ADDR = the first host of the node list, 127.0.0.1 on one node; MASTER_PORT derived from the job id so
+every rank agrees), initialises the process group (NCCL on GPUs, gloo on CPU), checks that the total batch
+divides over the ranks, and calls the run's entry point, by default
+``agvm.mm.train:train(config, work_dir, cfg_options, resume, launcher)``, which trains, checkpoints atomically
+and writes ``<work_dir>/metrics.json``. The job's end is recorded in ``<work_dir>/outcome.json``
+(``{"status": "done" | "failed", "error": one line, "job_id", ...}``): the launcher and ``slurm.status`` read
+that file, never submitit's result pickles.
 
 On a time-out or preemption SLURM sends USR2; submitit calls ``Trainer.checkpoint()``, which returns a
 ``DelayedSubmission`` of the same run with ``resume=True``, and requeues the job. The requeued job's entry
@@ -19,28 +22,21 @@ import importlib
 import importlib.util
 import json
 import os
-import re
 import socket
 import sys
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
+from agvm.cli import one_line
+from agvm.fileio import write_json_atomic
+
 __all__ = ["RunSpec", "Trainer", "DistInfo", "setup_distributed", "resolve_entry_point", "final_checkpoint",
-           "write_json_atomic", "METRICS_FILE"]
+           "METRICS_FILE", "OUTCOME_FILE"]
 
 METRICS_FILE = "metrics.json"
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to ``path`` through a temporary file and ``os.replace`` (never a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+OUTCOME_FILE = "outcome.json"
 
 
 @dataclass(frozen=True)
@@ -82,38 +78,28 @@ def _job_env():
         return None
 
 
-def master_port(job_id: str) -> int:
-    """A port every rank of a job derives alike from the job id (20000-59999), unless MASTER_PORT is set."""
-    if os.environ.get("MASTER_PORT"):
-        return int(os.environ["MASTER_PORT"])
-    return 20000 + zlib.crc32(str(job_id).encode()) % 40000
-
-
 def setup_distributed(gpus_per_node: int = 0) -> DistInfo:
-    """Export the torch.distributed env:// variables from submitit's JobEnvironment and initialise the
-    process group when there is more than one rank (NCCL when this job has GPUs, gloo otherwise)."""
+    """Export the torch.distributed env:// variables (submitit's ``TorchDistributedEnvironment``) and initialise
+    the process group when there is more than one rank (NCCL when this job has GPUs, gloo otherwise)."""
     import torch
     import torch.distributed as dist
+    from submitit.helpers import TorchDistributedEnvironment
 
-    env = _job_env()
-    if env is None:
-        rank, world, local, nodes, hosts, job_id = 0, 1, 0, 1, [socket.gethostname()], str(os.getpid())
-    else:
-        rank, world, local = env.global_rank, env.num_tasks, env.local_rank
-        nodes, hosts, job_id = env.num_nodes, list(env.hostnames), env.job_id
-    addr = hosts[0] if nodes > 1 else "127.0.0.1"
-    port = master_port(job_id)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local),
-                      LOCAL_WORLD_SIZE=str(max(1, world // max(nodes, 1))), MASTER_ADDR=addr, MASTER_PORT=str(port))
+    if _job_env() is None:  # a direct call: one process, nothing to export
+        return DistInfo(0, 1, 0, None, "127.0.0.1", 0)
+    env = TorchDistributedEnvironment()
+    if env._job_env.num_nodes == 1:
+        env.master_addr = "127.0.0.1"  # one node: no need for the host name to resolve
+    env.export(set_cuda_visible_devices=False, overwrite=True)
     backend = None
-    if world > 1:
+    if env.world_size > 1:
         use_cuda = gpus_per_node > 0 and torch.cuda.is_available()
         backend = "nccl" if use_cuda else "gloo"
         if use_cuda:
-            torch.cuda.set_device(local % torch.cuda.device_count())
+            torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
         if not dist.is_initialized():
-            dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world)
-    return DistInfo(rank, world, local, backend, addr, port)
+            dist.init_process_group(backend=backend, init_method="env://", rank=env.rank, world_size=env.world_size)
+    return DistInfo(env.rank, env.world_size, env.local_rank, backend, env.master_addr, env.master_port)
 
 
 def resolve_entry_point(path: str) -> Callable[..., Any]:
@@ -145,29 +131,24 @@ def resolve_entry_point(path: str) -> Callable[..., Any]:
     return obj
 
 
-_CKPT_NUM = re.compile(r"(\d+)")
-
-
 def final_checkpoint(work_dir: str | Path) -> Path:
-    """The final checkpoint of a finished run: ``metrics.json['checkpoint']``, else mmengine's
-    ``last_checkpoint`` pointer, else the ``*.pth`` with the highest epoch/iteration number."""
+    """The final checkpoint of a finished run: ``metrics.json['checkpoint']``, else the one mmengine's
+    ``last_checkpoint`` file names (``mmengine.runner.find_latest_checkpoint``)."""
+    from mmengine.runner import find_latest_checkpoint
+
     work_dir = Path(work_dir)
     metrics = work_dir / METRICS_FILE
     if metrics.is_file():
         ckpt = json.loads(metrics.read_text()).get("checkpoint")
         if ckpt and (work_dir / ckpt).is_file():
             return work_dir / ckpt
-    pointer = work_dir / "last_checkpoint"
-    if pointer.is_file():
-        p = Path(pointer.read_text().strip())
-        p = p if p.is_absolute() else work_dir / p
-        if p.is_file():
-            return p
-    ckpts = sorted(work_dir.glob("*.pth"), key=lambda p: [int(x) for x in _CKPT_NUM.findall(p.name)] or [-1])
-    if ckpts:
-        return ckpts[-1]
+    last = find_latest_checkpoint(str(work_dir))
+    if last:
+        for p in (Path(last), work_dir / last, work_dir / Path(last).name):  # absolute, relative, work dir moved
+            if p.is_file():
+                return p
     raise FileNotFoundError(f"no checkpoint in {work_dir}: the previous stage has not finished (no metrics.json "
-                            "with 'checkpoint', no last_checkpoint, no *.pth); run it first")
+                            "with 'checkpoint', no last_checkpoint naming a file); run it first")
 
 
 class Trainer:
@@ -250,13 +231,25 @@ class Trainer:
                         launcher="pytorch" if info.world_size > 1 else "none")
             if info.rank == 0 and not (work_dir / METRICS_FILE).is_file():
                 raise RuntimeError(f"entry point {s.entry_point} returned without writing {work_dir / METRICS_FILE}")
+            if info.rank == 0:
+                self._record_outcome("done")
             return result
+        except Exception as err:
+            self._record_outcome("failed", f"rank {info.rank}: {one_line(err)}")
+            raise
         finally:
             if info.backend is not None:
                 import torch.distributed as dist
 
                 if dist.is_initialized():
                     dist.destroy_process_group()
+
+    def _record_outcome(self, status: str, error: Optional[str] = None) -> None:
+        """``<work_dir>/outcome.json``: how this job ended (the launcher's own state; see the module docstring)."""
+        env = _job_env()
+        write_json_atomic(Path(self.spec.work_dir) / OUTCOME_FILE, {
+            "status": status, "error": error, "job_id": env.job_id if env else None, "host": socket.gethostname(),
+            "time": time.time()})
 
     def checkpoint(self, *args: Any, **kwargs: Any):
         """Called by submitit on preemption / time-out: requeue this run, resuming from its last checkpoint."""

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from agvm.cli import run as run_cli
 from slurm.experiment import load_experiment
 from slurm.state import run_state
 from slurm.status import format_table, status_rows
@@ -103,7 +104,7 @@ def test_failed_run_stops_its_chain(tmp_path):
 
 def test_dependency_must_be_finished_or_selected(tmp_path, capsys):
     folder = toy_experiment(tmp_path, CHAIN)
-    assert submit_main([str(folder), "--cluster", "debug", "--only", "stage2"]) == 2
+    assert run_cli(submit_main, [str(folder), "--cluster", "debug", "--only", "stage2"]) == 2
     assert "depends on toy_mlp_bs8_agvm_sgd" in capsys.readouterr().err
 
 
@@ -130,13 +131,14 @@ def test_trainer_checkpoint_requeues_the_same_run_with_resume(tmp_path):
 
 
 def test_final_checkpoint_order(tmp_path):
-    with pytest.raises(FileNotFoundError, match="has not finished"):
-        final_checkpoint(tmp_path)
     for n in (2, 10, 9):
         (tmp_path / f"epoch_{n}.pth").write_bytes(b"x")
-    assert final_checkpoint(tmp_path).name == "epoch_10.pth"  # numeric, not lexicographic
-    (tmp_path / "last_checkpoint").write_text(str(tmp_path / "epoch_9.pth"))
-    assert final_checkpoint(tmp_path).name == "epoch_9.pth"
+    with pytest.raises(FileNotFoundError, match="has not finished"):  # no pointer: no guessing from file names
+        final_checkpoint(tmp_path)
+    (tmp_path / "last_checkpoint").write_text(str(tmp_path / "epoch_9.pth"))  # mmengine's pointer
+    assert final_checkpoint(tmp_path) == tmp_path / "epoch_9.pth"
+    (tmp_path / "last_checkpoint").write_text("/moved/elsewhere/epoch_10.pth")  # the work dir was moved
+    assert final_checkpoint(tmp_path) == tmp_path / "epoch_10.pth"
     (tmp_path / "metrics.json").write_text(json.dumps({"checkpoint": "epoch_2.pth"}))
     assert final_checkpoint(tmp_path).name == "epoch_2.pth"
 

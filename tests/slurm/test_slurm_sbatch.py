@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from agvm.cli import run as run_cli
 from slurm.experiment import load_experiment
 from slurm.status import main as status_main
 from slurm.submit import main as submit_main
@@ -128,6 +129,6 @@ def test_resubmitting_a_queued_chain_adds_nothing(fake_slurm, tmp_path, monkeypa
 
 def test_no_slurm_here_is_a_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch / srun
-    assert submit_main([str(REPO / "experiments" / "smoke"), "--work-dirs", str(tmp_path / "wd")]) == 2
+    assert run_cli(submit_main, [str(REPO / "experiments" / "smoke"), "--work-dirs", str(tmp_path / "wd")]) == 2
     assert "no SLURM on this machine" in capsys.readouterr().err
     assert not (tmp_path / "wd").exists()

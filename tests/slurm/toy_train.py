@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 import agvm
+from agvm.fileio import write_text_atomic
 
 DEFAULTS = dict(iters=12, ckpt_interval=4, lr=0.05, interval=2, dim=8, per_rank_batch=4, seed=0, sleep=0.0,
                 pause_at=None, pause_file=None, fail=False, load_from=None, emulate_ranks=1)
@@ -52,12 +53,6 @@ def batch(cfg: Dict[str, Any], it: int, rank: int, n: int) -> tuple:
 def _save(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
     os.replace(tmp, path)
 
 
@@ -123,18 +118,18 @@ def train(config: str, work_dir: str, cfg_options: Optional[Dict[str, Any]] = No
         if cfg["sleep"]:
             time.sleep(cfg["sleep"])
         if rank == 0:
-            _write_text(work / "progress.json", json.dumps({"iter": it, "max_iters": cfg["iters"],
+            write_text_atomic(work / "progress.json", json.dumps({"iter": it, "max_iters": cfg["iters"],
                                                             "loss": float(loss)}))
             if it % cfg["ckpt_interval"] == 0 or it == cfg["iters"]:
                 _save({"model": model.state_dict(), "optimizer": opt.state_dict(), "iter": it}, work / f"iter_{it}.pth")
-                _write_text(pointer, f"iter_{it}.pth")
+                write_text_atomic(pointer, f"iter_{it}.pth")
         if cfg["pause_at"] == it and cfg["pause_file"] and not Path(cfg["pause_file"]).exists():
-            _write_text(Path(cfg["pause_file"]), str(os.getpid()))
+            write_text_atomic(Path(cfg["pause_file"]), str(os.getpid()))
             time.sleep(120)  # the test signals this process (SIGUSR2, as SLURM does before a time-out)
             raise RuntimeError("toy_train: pause_at was never interrupted")
     metrics = {"loss": float(loss), "iters": cfg["iters"], "world_size": world, "checkpoint": f"iter_{cfg['iters']}.pth",
                "mu": opt.modulation, "per_rank_batch": cfg["per_rank_batch"], "resumed_from": start,
                "loaded_from": None if start else cfg["load_from"]}
     if rank == 0:
-        _write_text(work / "metrics.json", json.dumps(metrics))
+        write_text_atomic(work / "metrics.json", json.dumps(metrics))
     return metrics
