@@ -2,8 +2,9 @@
 
 ``run`` calls ``main(argv)`` without ``--debug``. An exception becomes one line on stderr,
 ``error: <what is wrong and what to do>``, and exit status 2 (or the exception's ``exit_code``); with
-``--debug`` the exception propagates with its traceback. The message is the exception's own first line,
-so code that raises for a person says there what to do. Standard library only.
+``--debug`` the exception propagates with its traceback. The line is the exception's own message (several
+lines joined, at most 1000 characters), so code that raises for a person says there what to do. Standard
+library only.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Callable, List, Optional, Sequence
 __all__ = ["run", "one_line", "DEBUG_FLAG"]
 
 DEBUG_FLAG = "--debug"
+MAX_CHARS = 1000  # longer messages are cut (the whole one is in the --debug traceback)
 
 
 def one_line(err: BaseException) -> str:
@@ -22,12 +24,12 @@ def one_line(err: BaseException) -> str:
     text = str(err.args[0]) if isinstance(err, KeyError) and len(err.args) == 1 else str(err)
     if isinstance(err, KeyError) and " " not in text:
         return f"KeyError: missing key {text!r}"
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    if not lines:
+    text = " ".join(ln.strip() for ln in text.splitlines() if ln.strip())  # a message of several lines, joined
+    if not text:
         return f"{type(err).__name__} (no message)"
-    text = lines[0] if isinstance(err, (OSError, ValueError, RuntimeError, LookupError, TypeError)) \
-        else f"{type(err).__name__}: {lines[0]}"
-    return text + (" [...]" if len(lines) > 1 else "")
+    if not isinstance(err, (OSError, ValueError, RuntimeError, LookupError, TypeError)):
+        text = f"{type(err).__name__}: {text}"
+    return text if len(text) <= MAX_CHARS else text[:MAX_CHARS] + " [...]"
 
 
 def run(main: Callable[[List[str]], Optional[int]], argv: Optional[Sequence[str]] = None) -> int:

@@ -244,6 +244,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 if __name__ == "__main__":
     import sys
 
-    from agvm.cli import run
+    import agvm.cli
 
-    sys.exit(run(main))
+    sys.exit(agvm.cli.run(main))

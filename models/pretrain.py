@@ -333,6 +333,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from agvm.cli import run
+    import agvm.cli
 
-    raise SystemExit(run(main))
+    raise SystemExit(agvm.cli.run(main))

@@ -22,7 +22,7 @@ import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from agvm.fileio import write_text_atomic
 
@@ -447,6 +447,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from agvm.cli import run
+    import agvm.cli
 
-    sys.exit(run(main))
+    sys.exit(agvm.cli.run(main))

@@ -106,6 +106,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from agvm.cli import run
+    import agvm.cli
 
-    sys.exit(run(main))
+    sys.exit(agvm.cli.run(main))

@@ -21,7 +21,6 @@ import dataclasses
 import importlib
 import importlib.util
 import json
-import os
 import socket
 import sys
 import time

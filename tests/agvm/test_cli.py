@@ -47,7 +47,9 @@ def test_one_line_forms(tmp_path):
         assert one_line(err).startswith(f"{tmp_path / 'cfg.py'}, line 1: invalid Python syntax")
     assert one_line(KeyError("backbone")) == "KeyError: missing key 'backbone'"
     assert one_line(KeyError("Foo is not in the model registry")) == "Foo is not in the model registry"
-    assert one_line(RuntimeError("first\nsecond")) == "first [...]"
+    assert one_line(RuntimeError("ckpt does not match:\n  missing keys: a\n  Check the config.")) == \
+        "ckpt does not match: missing keys: a Check the config."
+    assert one_line(RuntimeError("x" * 2000)) == "x" * 1000 + " [...]"
     assert one_line(ZeroDivisionError("division by zero")) == "ZeroDivisionError: division by zero"
     assert one_line(AssertionError()) == "AssertionError (no message)"
 

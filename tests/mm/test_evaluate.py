@@ -244,7 +244,9 @@ def test_uninet_timm_weights_classification(tmp_path):
 
 def test_cli_reports_errors_without_trace(tmp_path, capsys):
     (tmp_path / "c.py").write_text("model = dict(\n    name='uninet_tiny', num_classes=2)\n")
-    assert E.main([str(tmp_path / "c.py"), str(tmp_path / "missing.pth")]) == 2
+    from agvm.cli import run
+
+    assert run(E.main, [str(tmp_path / "c.py"), str(tmp_path / "missing.pth")]) == 2  # python -m agvm.mm.evaluate
     err = capsys.readouterr().err
     assert err.startswith("error:") and "lacks" in err and "Traceback" not in err
 
