@@ -8,12 +8,12 @@ parameter no module covers: the authors' code silently left such parameters out 
 """
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-__all__ = ["DEFAULT_MODULES", "param_groups", "module_of"]
+__all__ = ["DEFAULT_MODULES", "param_groups", "module_of", "module_spec", "module_map", "freeze_modules"]
 
 # name -> attribute-name prefixes. Covers mmdet / mmseg detectors and segmentors.
 DEFAULT_MODULES: Dict[str, Sequence[str]] = {
@@ -49,6 +49,58 @@ def module_of(name: str, modules: Mapping[str, Sequence[str]]) -> Optional[str]:
     return best
 
 
+def module_spec(modules=None) -> Dict[str, Tuple[str, ...]]:
+    """``modules`` as ``{name: (prefix, ...)}``: a mapping ``{name: prefix or [prefixes]}``, a list of prefixes
+    (each named by its last component) or None (``DEFAULT_MODULES``)."""
+    if modules is None:
+        return {k: tuple(v) for k, v in DEFAULT_MODULES.items()}
+    if isinstance(modules, Mapping):
+        return {k: (v,) if isinstance(v, str) else tuple(v) for k, v in modules.items()}
+    spec: Dict[str, Tuple[str, ...]] = {}
+    for prefix in modules:
+        spec[prefix.split(".")[-1]] = spec.get(prefix.split(".")[-1], ()) + (prefix,)
+    return spec
+
+
+def freeze_modules(model: nn.Module, modules, names: Sequence[str]) -> None:
+    """``requires_grad_(False)`` for every parameter of the modules ``names`` (of the spec ``modules``)."""
+    spec = module_spec(modules)
+    unknown = set(names) - set(spec)
+    if unknown:
+        raise ValueError(f"freeze names unknown module(s) {sorted(unknown)}; the modules are {sorted(spec)}")
+    if names:
+        for name, p in model.named_parameters():
+            if module_of(_strip_wrapper(name), spec) in names:
+                p.requires_grad_(False)
+
+
+def module_map(model: nn.Module, modules=None) -> Dict[int, str]:
+    """``{id(p): module}`` for every trainable parameter of ``model``.
+
+    Raises:
+        ValueError: naming every trainable parameter no module covers.
+    """
+    spec = module_spec(modules)
+    owner: Dict[int, str] = {}
+    uncovered: List[str] = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        module = module_of(_strip_wrapper(name), spec)
+        if module is None:
+            uncovered.append(name)
+        else:
+            owner[id(p)] = module
+    if uncovered:
+        shown = ", ".join(uncovered[:50]) + (f", ... ({len(uncovered)} in all)" if len(uncovered) > 50 else "")
+        raise ValueError(
+            f"{len(uncovered)} trainable parameter(s) belong to no AGVM module and would not be optimized: "
+            f"{shown}. Add their prefix to `modules` (known modules: {sorted(spec)}) or freeze them "
+            "(requires_grad=False)."
+        )
+    return owner
+
+
 def param_groups(
     model: nn.Module,
     modules: Optional[Union[Mapping[str, Union[str, Sequence[str]]], Sequence[str]]] = None,
@@ -73,24 +125,9 @@ def param_groups(
     Raises:
         ValueError: naming every trainable parameter no module covers.
     """
-    if modules is None:
-        spec: Dict[str, Sequence[str]] = dict(DEFAULT_MODULES)
-    elif isinstance(modules, Mapping):
-        spec = {k: (v,) if isinstance(v, str) else tuple(v) for k, v in modules.items()}
-    else:
-        spec = {}
-        for prefix in modules:
-            spec.setdefault(prefix.split(".")[-1], ())
-            spec[prefix.split(".")[-1]] += (prefix,)
-
-    unknown = set(freeze) - set(spec)
-    if unknown:
-        raise ValueError(f"freeze names unknown module(s) {sorted(unknown)}; the modules are {sorted(spec)}")
-    if freeze:
-        for name, p in model.named_parameters():
-            if module_of(_strip_wrapper(name), spec) in freeze:
-                p.requires_grad_(False)
-
+    spec = module_spec(modules)
+    freeze_modules(model, spec, freeze)
+    owner = module_map(model, spec)
     no_decay = set()
     if no_decay_norm_bias:
         for mod in model.modules():
@@ -99,24 +136,9 @@ def param_groups(
                     no_decay.add(id(p))
 
     buckets: Dict[tuple, List[torch.Tensor]] = {}
-    uncovered: List[str] = []
-    seen = set()
-    for name, p in model.named_parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        module = module_of(_strip_wrapper(name), spec)
-        if module is None:
-            uncovered.append(name)
-            continue
-        buckets.setdefault((module, id(p) in no_decay), []).append(p)
-    if uncovered:
-        shown = ", ".join(uncovered[:50]) + (f", ... ({len(uncovered)} in all)" if len(uncovered) > 50 else "")
-        raise ValueError(
-            f"{len(uncovered)} trainable parameter(s) belong to no AGVM module and would not be optimized: "
-            f"{shown}. Add their prefix to `modules` (known modules: {sorted(spec)}) or freeze them "
-            "(requires_grad=False)."
-        )
+    for p in model.parameters():  # trainable, each once
+        if id(p) in owner:
+            buckets.setdefault((owner[id(p)], id(p) in no_decay), []).append(p)
     order = list(spec)
     groups = []
     for (module, is_no_decay), params in sorted(buckets.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1])):
