@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup test test-quick demo tables smoke bench bench-ddp bench-uninet gpu-check clean-venv
+.PHONY: setup test test-quick demo tables smoke bench bench-ddp bench-uninet gpu-check bench-two-halves clean-venv
 
 setup:
 	@bash scripts/setup.sh
@@ -33,6 +33,9 @@ bench-uninet: setup
 
 gpu-check: setup
 	$(PY) scripts/gpu_check.py
+
+bench-two-halves: setup
+	$(PY) benchmarks/bench_two_halves.py
 
 clean-venv:
 	rm -rf .venv

@@ -4,18 +4,21 @@ How the two gradient estimates G_a, G_b of AGVM (appendix A.1, Eq. 1-2) are obta
 
 - Distributed (DDP, world size >= 2): the ranks are split in two halves by ``agvm.distributed.register_hook``
   (``AGVMHook.before_train`` calls it); mmengine's ordinary ``train_step`` / ``update_params`` run unchanged.
-- One process: ``AGVMTwoHalves`` (a registered mmengine model wrapper, applied by ``AGVMRunner``) splits
-  every data batch into two halves (micro-batches) and hands two loss closures to the optim wrapper's
-  ``update_params_two_halves``; on measurement steps that keeps each half's gradient and passes
-  ``halves=(ga, gb)`` to ``optimizer.step``.
+- One process: ``AGVMTwoHalves`` (a registered mmengine model wrapper, applied by ``AGVMRunner``) runs the
+  model's own ``train_step`` (one full-batch pass) off measurement steps; on measurement steps it splits the
+  batch into two halves (micro-batches) and hands two loss closures to the optim wrapper's
+  ``update_params_two_halves``, which keeps half A's gradient apart with ``agvm.TwoHalves`` and passes it to
+  ``optimizer.step(halves=...)``. ``two_passes=True`` on the optim wrapper runs the two halves on every step.
 
 Why a model wrapper plus an optim-wrapper mixin: mmengine's optim wrapper only ever sees the loss
 of the whole batch, so the batch has to be split where ``train_step`` is (the model); the backward,
-loss scaling (AMP), accumulation and clipping stay in the optim wrapper, so ``AGVMOptimWrapper`` and
-``AGVMAmpOptimWrapper`` keep every behaviour of mmengine's ``OptimWrapper`` / ``AmpOptimWrapper``:
-clipping acts on the full gradient before ``step`` (Phi, a cosine, does not depend on scale), with
-``accumulative_counts = k`` each half's gradient is accumulated over the k micro-iterations of the
-window, and with AMP a step that GradScaler skips neither advances t nor touches mu.
+loss scaling (AMP), accumulation and clipping stay in the optim wrapper: half B goes through mmengine's own
+``update_params`` (loss scaling, accumulation count, step, zero_grad), half A through the same backward
+without counting a second micro-iteration. So ``AGVMOptimWrapper`` and ``AGVMAmpOptimWrapper`` keep every
+behaviour of mmengine's ``OptimWrapper`` / ``AmpOptimWrapper``: clipping acts on the full gradient before
+``step`` (Phi, a cosine, does not depend on scale), with ``accumulative_counts = k`` each half's gradient is
+accumulated over the k micro-iterations of the window, and with AMP a step that GradScaler skips neither
+advances t nor touches mu.
 """
 from __future__ import annotations
 
@@ -29,11 +32,16 @@ from torch import nn
 
 import agvm
 from agvm.optim._base import AGVMMixin
+from agvm.param_groups import freeze_modules, module_map
 
 __all__ = ["AGVMOptimWrapperConstructor", "AGVMOptimWrapper", "AGVMAmpOptimWrapper", "AGVMTwoHalves",
            "ClipWindowOptimWrapper", "split_batch", "is_agvm"]
 
 AGVM_OPTIMIZERS = ("AGVMSGD", "AGVMAdamW")
+# the paramwise_cfg keys mmengine's DefaultOptimWrapperConstructor reads (it ignores any other key silently)
+MMENGINE_KEYS = ("custom_keys", "bias_lr_mult", "bias_decay_mult", "norm_decay_mult", "dwconv_decay_mult",
+                 "flat_decay_mult", "bypass_duplicate", "dcn_offset_lr_mult")
+AGVM_KEYS = ("modules", "frozen_modules", "no_decay_norm_bias")
 
 
 def is_agvm(optimizer) -> bool:
@@ -41,51 +49,60 @@ def is_agvm(optimizer) -> bool:
 
 
 class AGVMOptimWrapperConstructor(DefaultOptimWrapperConstructor):
-    """Param groups from the model's attributes via ``agvm.param_groups`` (each group has a "module").
+    """mmengine's ``DefaultOptimWrapperConstructor`` (its ``add_params``: every ``paramwise_cfg`` key of
+    mmengine gives the same lr and weight decay per parameter) plus AGVM's module tag per group.
 
-    ``paramwise_cfg`` keys (all optional):
-        modules: ``{name: prefix or [prefixes]}`` (default ``agvm.DEFAULT_MODULES``: backbone, neck,
-            rpn_head, roi_head.bbox_head, ...).
-        no_decay_norm_bias: weight decay 0 for norm layers, biases and 1-D parameters.
-        no_decay_keys: parameter-name substrings that also get weight decay 0 (Swin's
-            ``relative_position_bias_table``, ``absolute_pos_embed``).
+    Extra ``paramwise_cfg`` keys (all optional):
+        modules: ``{name: prefix or [prefixes]}`` naming the AGVM modules (default ``agvm.DEFAULT_MODULES``:
+            backbone, neck, rpn_head, roi_head.bbox_head, ...); every group gets ``"module"``, and a trainable
+            parameter no module covers is an error.
         frozen_modules: modules to freeze and leave out of the optimizer (Fig. 4's frozen head).
-    Used for every optimizer of the configs (baselines too), so baselines and AGVM see the same
-    groups; torch optimizers keep the extra "module" key.
+        no_decay_norm_bias: shorthand for ``norm_decay_mult=0, bias_decay_mult=0, flat_decay_mult=0``.
+    Then groups equal in everything but their parameters are merged (few, large groups for the foreach / fused
+    kernels), and parameters with ``requires_grad=False`` are left out (mmengine keeps them in groups of their own,
+    where they are never updated). Used for every optimizer of the configs (baselines too), so baselines and
+    AGVM see the same groups; torch optimizers keep the extra "module" key.
     """
 
     def __init__(self, optim_wrapper_cfg: dict, paramwise_cfg: Optional[dict] = None):
-        paramwise_cfg = dict(paramwise_cfg or {})
-        unknown = set(paramwise_cfg) - {"modules", "no_decay_norm_bias", "no_decay_keys", "frozen_modules"}
+        pw = dict(paramwise_cfg or {})
+        unknown = set(pw) - set(MMENGINE_KEYS) - set(AGVM_KEYS)
         if unknown:
             raise ValueError(f"AGVMOptimWrapperConstructor: unknown paramwise_cfg keys {sorted(unknown)}; "
-                             "allowed: modules, no_decay_norm_bias, no_decay_keys, frozen_modules")
-        self.optim_wrapper_cfg = copy.deepcopy(dict(optim_wrapper_cfg))
-        if "optimizer" not in self.optim_wrapper_cfg:
+                             f"mmengine's are {list(MMENGINE_KEYS)}, AGVM's {list(AGVM_KEYS)}")
+        if "optimizer" not in optim_wrapper_cfg:
             raise ValueError("optim_wrapper needs an `optimizer` dict")
-        self.optimizer_cfg = self.optim_wrapper_cfg.pop("optimizer")
-        self.paramwise_cfg = paramwise_cfg
+        self.modules = pw.pop("modules", None)
+        self.frozen_modules = tuple(pw.pop("frozen_modules", None) or ())
+        if pw.pop("no_decay_norm_bias", False):
+            both = sorted({"norm_decay_mult", "bias_decay_mult", "flat_decay_mult"} & set(pw))
+            if both:
+                raise ValueError(f"paramwise_cfg: no_decay_norm_bias sets {both} to 0; give one or the other")
+            pw.update(norm_decay_mult=0.0, bias_decay_mult=0.0, flat_decay_mult=0.0)
+        super().__init__(copy.deepcopy(dict(optim_wrapper_cfg)), pw)
 
     def __call__(self, model: nn.Module) -> OptimWrapper:
         if hasattr(model, "module"):
             model = model.module
-        pw = self.paramwise_cfg
-        groups = agvm.param_groups(model, modules=pw.get("modules"),
-                                   no_decay_norm_bias=bool(pw.get("no_decay_norm_bias", False)),
-                                   freeze=tuple(pw.get("frozen_modules") or ()))
-        keys = tuple(pw.get("no_decay_keys") or ())
-        if keys:
-            names = {id(p): n for n, p in model.named_parameters()}
-            split: List[dict] = []
-            for g in groups:
-                hit = [p for p in g["params"] if any(k in names[id(p)] for k in keys)]
-                rest = [p for p in g["params"] if not any(k in names[id(p)] for k in keys)]
-                if rest:
-                    split.append({**g, "params": rest})
-                if hit:
-                    split.append({**g, "params": hit, "weight_decay": 0.0})
-            groups = split
-        optimizer_cfg = copy.deepcopy(dict(self.optimizer_cfg))
+        freeze_modules(model, self.modules, self.frozen_modules)
+        params: List[dict] = []
+        self.add_params(params, model)  # custom_keys may freeze parameters (requires_grad=False) too
+        owner = module_map(model, self.modules)
+        defaults = {k: v for k, v in self.optimizer_cfg.items() if k != "type"}
+        groups: List[dict] = []
+        options: List[dict] = []  # each group's effective options (the optimizer's where the group sets none)
+        for g in params:
+            (p,) = g["params"]
+            if not p.requires_grad:
+                continue
+            g = {**g, "module": owner[id(p)]}
+            opts = {**defaults, **{k: v for k, v in g.items() if k != "params"}}
+            if opts in options:
+                groups[options.index(opts)]["params"].append(p)
+            else:
+                groups.append(g)
+                options.append(opts)
+        optimizer_cfg = copy.deepcopy(self.optimizer_cfg)
         optimizer_cfg["params"] = groups
         optimizer = OPTIMIZERS.build(optimizer_cfg)
         wrapper_cfg = copy.deepcopy(self.optim_wrapper_cfg)
@@ -118,13 +135,23 @@ class _ClipWindowMixin:
 
 
 class _TwoHalvesMixin(_ClipWindowMixin):
-    """Adds ``update_params_two_halves`` to an mmengine optim wrapper (see the module docstring)."""
+    """Adds ``update_params_two_halves`` to an mmengine optim wrapper (see the module docstring).
 
-    _halves_acc: Optional[Tuple[List[Optional[torch.Tensor]], List[Optional[torch.Tensor]]]] = None
+    ``two_passes=True``: the model wrapper runs the two halves on every step, not only on measurement steps
+    (mmdet's losses, normalised over the batch, are then normalised the same way on every step).
+    """
+
+    def __init__(self, *args, two_passes: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.two_passes = bool(two_passes)
+        self._two: Optional[agvm.TwoHalves] = None
 
     def _backward_uncounted(self, loss: torch.Tensor) -> None:
-        self.backward(loss)  # OptimWrapper: loss.backward(); AmpOptimWrapper: scaler.scale(loss).backward()
-        self._inner_count -= 1  # one micro-iteration = both halves: counted once below
+        """``self.backward`` without counting a micro-iteration: half A's backward (half B's is counted)."""
+        loss.backward()
+
+    def _loss_scale(self) -> float:
+        return 1.0
 
     def update_params_two_halves(
         self,
@@ -139,47 +166,21 @@ class _TwoHalvesMixin(_ClipWindowMixin):
             weights: the halves' shares of the batch (n_a / n, n_b / n): p.grad ends as the batch mean.
         Returns the log_vars averaged over the halves with these weights.
         """
-        opt = self.optimizer
-        if not is_agvm(opt):
-            raise TypeError(f"update_params_two_halves needs an AGVM optimizer, got {type(opt).__name__}")
-        measure = opt.should_measure()
-        params = opt.params_in_order()
-        stash = [p.grad for p in params] if measure else None
-        halves: List[List[Optional[torch.Tensor]]] = []
-        logs: List[Dict[str, torch.Tensor]] = []
-        for fn, w in zip(loss_fns, weights):
-            if measure:
-                for p in params:
-                    p.grad = None
-            loss, log_vars = fn()
-            self._backward_uncounted(self.scale_loss(loss) * w)
-            logs.append(log_vars)
-            if measure:
-                halves.append([p.grad for p in params])
-        if measure:
-            (ga, gb), (wa, wb) = halves, weights
-            acc = self._halves_acc
-            for k, p in enumerate(params):
-                parts = [g for g in (stash[k], ga[k], gb[k]) if g is not None]
-                p.grad = None if not parts else (parts[0].clone() if len(parts) == 1 else sum(parts[1:], parts[0]))
-            ga = [None if g is None else g.div_(wa) for g in ga]  # half a's own mean gradient (/ k, x scale)
-            gb = [None if g is None else g.div_(wb) for g in gb]
-            if acc is not None:
-                ga = [a if b is None else (b if a is None else a.add_(b)) for a, b in zip(ga, acc[0])]
-                gb = [a if b is None else (b if a is None else a.add_(b)) for a, b in zip(gb, acc[1])]
-            self._halves_acc = (ga, gb)
-        self._inner_count += 1
-        if self.should_update():
-            if self._halves_acc is not None:
-                halves_arg, self._halves_acc = self._halves_acc, None
-                self.step(halves=halves_arg)
-            else:
-                self.step()
-            self.zero_grad()
-        out: Dict[str, torch.Tensor] = {}
-        for k in logs[0]:
-            out[k] = logs[0][k] * weights[0] + logs[1].get(k, logs[0][k]) * weights[1]
-        return out
+        if self._two is None:
+            self._two = agvm.TwoHalves(self.optimizer)
+        with self._two.half_a():
+            loss_a, log_a = loss_fns[0]()
+            self._backward_uncounted(self.scale_loss(loss_a * weights[0]))
+        loss_b, log_b = loss_fns[1]()
+        self.update_params(loss_b * weights[1])  # mmengine's: scale, backward, count, step + zero_grad at the end
+        return {k: log_a[k] * weights[0] + log_b.get(k, log_a[k]) * weights[1] for k in log_a}
+
+    def step(self, **kwargs) -> None:
+        """mmengine's step (clipping, loss scaler) with ``halves`` when half A's gradient was kept."""
+        halves = self._two.pop(self._loss_scale()) if self._two is not None else None
+        if halves is not None:
+            kwargs["halves"] = halves
+        super().step(**kwargs)
 
 
 class ClipWindowOptimWrapper(_ClipWindowMixin, OptimWrapper):
@@ -192,6 +193,12 @@ class AGVMOptimWrapper(_TwoHalvesMixin, OptimWrapper):
 
 class AGVMAmpOptimWrapper(_TwoHalvesMixin, AmpOptimWrapper):
     """mmengine ``AmpOptimWrapper`` (autocast + GradScaler) that can do AGVM's two-half step."""
+
+    def _backward_uncounted(self, loss: torch.Tensor) -> None:
+        self.loss_scaler.scale(loss).backward()
+
+    def _loss_scale(self) -> float:
+        return float(self.loss_scaler.get_scale())
 
 
 def split_batch(data, n_a: int):
@@ -220,9 +227,10 @@ def batch_len(data) -> int:
 
 
 class AGVMTwoHalves(nn.Module):
-    """One-process model wrapper: ``train_step`` runs the batch as two micro-batches (two halves) so
-    that AGVM can measure Phi; ``val_step`` / ``test_step`` are the wrapped model's. Registered as an
-    mmengine model wrapper, so the runner's checkpoints and hooks see ``.module``."""
+    """One-process model wrapper: ``train_step`` is the model's own (one full-batch pass) off measurement
+    steps and runs the batch as two micro-batches (two halves) on measurement steps, so that AGVM can measure
+    Phi; ``val_step`` / ``test_step`` are the wrapped model's. Registered as an mmengine model wrapper, so the
+    runner's checkpoints and hooks see ``.module``."""
 
     def __init__(self, module: nn.Module):
         super().__init__()
@@ -239,10 +247,15 @@ class AGVMTwoHalves(nn.Module):
                     f"{type(optim_wrapper.optimizer).__name__} in one process needs optim_wrapper.type="
                     f"'AGVMOptimWrapper' (or 'AGVMAmpOptimWrapper' for AMP), got {type(optim_wrapper).__name__}")
             return self.module.train_step(data, optim_wrapper)
+        if not is_agvm(optim_wrapper.optimizer):
+            raise TypeError(f"{type(optim_wrapper).__name__} needs an AGVM optimizer, got "
+                            f"{type(optim_wrapper.optimizer).__name__}; use optim_wrapper.type='OptimWrapper'")
         n = batch_len(data)
         if n < 2:
             raise ValueError(f"AGVM in one process splits each batch into two halves, but this batch has {n} "
                              "sample(s); use train_dataloader.batch_size >= 2 (an even number)")
+        if not optim_wrapper.optimizer.should_measure() and not optim_wrapper.two_passes:
+            return self.module.train_step(data, optim_wrapper)  # one full-batch pass, as plain training
         n_a = (n + 1) // 2
         half_a, half_b = split_batch(data, n_a)
         model = self.module
@@ -251,7 +264,7 @@ class AGVMTwoHalves(nn.Module):
             def fn():
                 with optim_wrapper.optim_context(model):
                     d = model.data_preprocessor(half, True)
-                    losses = model._run_forward(d, mode="loss")
+                    losses = model(**d, mode="loss") if isinstance(d, dict) else model(*d, mode="loss")
                 return model.parse_losses(losses)
             return fn
 

@@ -3,7 +3,7 @@
 - ``save_checkpoint`` writes ``<name>.tmp`` and renames it (``os.replace``), so a checkpoint file
   that exists is complete; ``latest_checkpoint`` picks the newest one.
 - ``wrap_model``: with an AGVM optimizer and no second rank, the model is wrapped in
-  ``AGVMTwoHalves`` (two micro-batches per step); under DDP on CPU, DDP gets ``device_ids=None``.
+  ``AGVMTwoHalves`` (two micro-batches on measurement steps); under DDP on CPU, DDP gets ``device_ids=None``.
 - An ``AGVMHook`` and a ``DivergenceHook`` are added when the config has none.
 """
 from __future__ import annotations

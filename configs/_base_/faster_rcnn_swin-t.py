@@ -8,6 +8,12 @@ model = dict(
         drop_path_rate=0.2, patch_norm=True, out_indices=(0, 1, 2, 3), with_cp=False, convert_weights=True,
         init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
     neck=dict(in_channels=[96, 192, 384, 768]))
-# no weight decay for norms, biases and Swin's position tables (as mmdet's Swin configs)
-optim_wrapper = dict(paramwise_cfg=dict(no_decay_norm_bias=True,
-                                        no_decay_keys=['absolute_pos_embed', 'relative_position_bias_table']))
+# mmdet 3.3.0's Swin paramwise_cfg, unchanged (configs/swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py): no weight decay
+# for Swin's position tables and for parameters whose name contains 'norm'; biases keep the weight decay
+optim_wrapper = dict(
+    paramwise_cfg=dict(
+        custom_keys={
+            'absolute_pos_embed': dict(decay_mult=0.),
+            'relative_position_bias_table': dict(decay_mult=0.),
+            'norm': dict(decay_mult=0.)
+        }))

@@ -172,7 +172,7 @@ def test_table3_and_the_r50_adamw_family(load, B, opt, backbone):
         return
     assert cfg.model.backbone.type == "SwinTransformer" and cfg.model.backbone.embed_dims == 96
     assert cfg.model.backbone.depths == [2, 2, 6, 2]
-    assert "relative_position_bias_table" in cfg.optim_wrapper.paramwise_cfg.no_decay_keys
+    assert "relative_position_bias_table" in cfg.optim_wrapper.paramwise_cfg.custom_keys
 
 
 def test_table3_printed_lr_differs_from_the_rule_only_at_1024():

@@ -1,5 +1,6 @@
 """The mmengine glue of the two-half measurement: the same halves, Phi and update as the core helper,
-with gradient accumulation, clipping, AMP, and the registry / constructor."""
+with one full-batch pass off measurement steps, gradient accumulation, unequal halves, clipping, AMP; the
+registry; the constructor against mmengine's own (same lr and weight decay per parameter)."""
 import copy
 
 import pytest
@@ -24,6 +25,7 @@ def _model_cls():
             self.neck = nn.Linear(8, 8)
             self.bbox_head = nn.Linear(8, 1)
             self.backbone[1].eval()  # frozen statistics, as mmdet's norm_eval: halves == whole batch
+            self.forwards = 0
 
         def train(self, mode=True):
             super().train(mode)
@@ -31,6 +33,7 @@ def _model_cls():
             return self
 
         def forward(self, inputs, data_samples=None, mode="tensor"):
+            self.forwards += 1
             x = torch.stack(inputs) if isinstance(inputs, (list, tuple)) else inputs
             out = self.bbox_head(torch.relu(self.neck(self.backbone(x)))).squeeze(-1)
             if mode == "loss":
@@ -71,14 +74,15 @@ def _core_reference(model, batches, lr, interval, accum=1, clip=None):
         gb = [torch.zeros_like(p) for p in params]
         for b in window:
             n = len(b["inputs"])
-            for acc, sl in ((ga, slice(0, (n + 1) // 2)), (gb, slice((n + 1) // 2, n))):
+            n_a = (n + 1) // 2
+            for acc, sl in ((ga, slice(0, n_a)), (gb, slice(n_a, n))):
                 model.zero_grad(set_to_none=True)
                 loss = model(b["inputs"][sl], b["data_samples"][sl], mode="loss")["loss"]
                 loss.backward()
                 for a, p in zip(acc, params):
                     a += p.grad / len(window)
         for p, a, b_ in zip(params, ga, gb):
-            p.grad = (a + b_) / 2
+            p.grad = a * n_a / n + b_ * (n - n_a) / n
         if clip is not None:
             torch.nn.utils.clip_grad_norm_(params, clip)
         opt.step(halves=(ga, gb))
@@ -86,20 +90,27 @@ def _core_reference(model, batches, lr, interval, accum=1, clip=None):
     return opt
 
 
-@pytest.mark.parametrize("accum", [1, 2])
-def test_two_half_step_matches_core(accum):
+@pytest.mark.parametrize("accum, n, two_passes", [(1, 6, False), (2, 6, False), (1, 5, False), (2, 5, True)])
+def test_two_half_step_matches_core(accum, n, two_passes):
+    """interval 2: steps 1, 3 are one full-batch pass per micro-batch (two half passes with two_passes),
+    steps 2, 4 measure; odd n gives unequal halves (3 + 2) whose weights make p.grad the batch mean."""
     from agvm.mm.optim import AGVMOptimWrapper, AGVMTwoHalves
 
     Tiny = _model_cls()
     model_a, model_b = Tiny(), Tiny()
     model_b.load_state_dict(model_a.state_dict())
-    batches = [_batch(i) for i in range(4 * accum)]
+    batches = [_batch(i, n) for i in range(4 * accum)]
     ow = _build(model_a, dict(type="AGVMSGD", lr=0.1, momentum=0.9, weight_decay=1e-4, interval=2),
-                type="AGVMOptimWrapper", accumulative_counts=accum)
+                type="AGVMOptimWrapper", accumulative_counts=accum, two_passes=two_passes)
     assert isinstance(ow, AGVMOptimWrapper)
     wrapped = AGVMTwoHalves(model_a).train()
+    forwards = []
     for b in batches:
+        before = model_a.forwards
         wrapped.train_step(b, ow)
+        forwards.append(model_a.forwards - before)
+    plain = 2 if two_passes else 1
+    assert forwards == [f for f in (plain, 2, plain, 2) for _ in range(accum)]
     ref = _core_reference(model_b.train(), batches, lr=0.1, interval=2, accum=accum)
     opt = ow.optimizer
     assert opt.t == ref.t == 4
@@ -213,7 +224,7 @@ def test_wrong_wrapper_and_tiny_batch_errors():
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_registry_names_and_constructor_groups():
+def test_registry_names():
     import agvm
     from mmengine.registry import OPTIMIZERS
     from timm.optim import Lamb, Lars
@@ -221,22 +232,153 @@ def test_registry_names_and_constructor_groups():
     from agvm.mm import register_all
 
     register_all()
-    Tiny = _model_cls()
-    model = Tiny()
+    model = _model_cls()()
     for name, cls, kw in (("AGVMSGD", agvm.AGVMSGD, dict(lr=0.1, interval=3, alpha=0.9, mu_clip=(0.2, 5.0))),
                           ("AGVMAdamW", agvm.AGVMAdamW, dict(lr=1e-3, interval=3, anchor="neck")),
                           ("PMDLAMB", agvm.PMDLAMB, dict(lr=1e-3, decay_interval=5)),
                           ("Lars", Lars, dict(lr=0.1, trust_coeff=0.001)), ("Lamb", Lamb, dict(lr=1e-3))):
         opt = OPTIMIZERS.build(dict(type=name, params=agvm.param_groups(model), **kw))
         assert type(opt) is cls
-    ow = _build(model, dict(type="AGVMAdamW", lr=1e-3, weight_decay=0.05),
-                paramwise_cfg=dict(no_decay_norm_bias=True, no_decay_keys=["neck.weight"]))
-    groups = ow.optimizer.param_groups
-    assert all("module" in g for g in groups)
-    by_id = {id(p): g for g in groups for p in g["params"]}
-    assert by_id[id(model.neck.weight)]["weight_decay"] == 0.0
-    assert by_id[id(model.neck.bias)]["weight_decay"] == 0.0
-    assert by_id[id(model.bbox_head.weight)]["weight_decay"] == 0.05
-    assert by_id[id(model.backbone[1].weight)]["weight_decay"] == 0.0
-    with pytest.raises(ValueError, match="unknown paramwise_cfg"):
-        _build(model, dict(type="AGVMSGD", lr=0.1), paramwise_cfg=dict(custom_keys={}))
+
+
+class Net(nn.Module):
+    """Every kind of parameter mmengine's paramwise_cfg tells apart: conv weights and biases, a depth-wise conv,
+    BatchNorm / GroupNorm / LayerNorm, a 1-D parameter outside a norm, a position table, a module shared twice."""
+
+    def __init__(self, shared=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, groups=8),
+                                      nn.LayerNorm(4))
+        self.backbone.absolute_pos_embed = nn.Parameter(torch.zeros(1, 4))
+        self.backbone.gamma = nn.Parameter(torch.ones(8))
+        self.neck = nn.Sequential(nn.Conv2d(8, 8, 1), nn.GroupNorm(2, 8))
+        self.bbox_head = nn.Linear(8, 2)
+        self.bbox_head.norm_fc = nn.Linear(2, 2)
+        if shared:
+            self.neck.again = self.backbone[0]
+
+
+def _lr_wd(optimizer, model):
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)]: (g["lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]
+            if p.requires_grad}
+
+
+PARAMWISE = [
+    dict(custom_keys={"backbone": dict(lr_mult=0.1, decay_mult=0.9), "absolute_pos_embed": dict(decay_mult=0.0),
+                      "norm": dict(decay_mult=0.0), "neck.0": dict(lr_mult=2.0)}),
+    dict(norm_decay_mult=0.0),
+    dict(bias_lr_mult=2.0, bias_decay_mult=0.0),
+    dict(dwconv_decay_mult=0.5),
+    dict(flat_decay_mult=0.0),
+    dict(norm_decay_mult=0.0, bias_decay_mult=0.0, flat_decay_mult=0.0, custom_keys={"neck": dict(lr_mult=0.5)}),
+    dict(bypass_duplicate=True),
+    dict(custom_keys={"neck.1": dict(requires_grad=False)}),
+]
+
+
+@pytest.mark.parametrize("paramwise_cfg", [None] + PARAMWISE)
+def test_constructor_gives_mmengines_lr_and_weight_decay_per_parameter(paramwise_cfg):
+    from mmengine.optim import DefaultOptimWrapperConstructor
+
+    from agvm.mm import register_all
+    from agvm.mm.optim import AGVMOptimWrapperConstructor
+
+    register_all()
+    shared = bool(paramwise_cfg and paramwise_cfg.get("bypass_duplicate"))
+    theirs, ours = Net(shared), Net(shared)
+    sgd = dict(type="SGD", lr=0.1, momentum=0.9, weight_decay=1e-4)
+    ref = DefaultOptimWrapperConstructor(dict(optimizer=sgd), copy.deepcopy(paramwise_cfg))(theirs).optimizer
+    for opt_cfg in (sgd, dict(sgd, type="AGVMSGD", interval=2)):
+        ow = AGVMOptimWrapperConstructor(dict(optimizer=opt_cfg), copy.deepcopy(paramwise_cfg))(ours)
+        got, want = _lr_wd(ow.optimizer, ours), _lr_wd(ref, theirs)
+        assert got == want and len(want) == sum(p.requires_grad for p in theirs.parameters())
+        assert {n for n, p in ours.named_parameters() if not p.requires_grad} == \
+            {n for n, p in theirs.named_parameters() if not p.requires_grad}
+        groups = ow.optimizer.param_groups
+        modules = {n.split(".")[0] for n in got}
+        assert {g["module"] for g in groups} == modules
+        # merged: no two groups equal in everything but params, and every trainable parameter once
+        options = [{k: v for k, v in g.items() if k != "params"} for g in groups]
+        assert all(a != b for i, a in enumerate(options) for b in options[i + 1:])
+        assert sum(len(g["params"]) for g in groups) == len(got)
+        names = {id(p): n for n, p in theirs.named_parameters()}
+        distinct = {(names[id(p)].split(".")[0], repr(sorted((k, v) for k, v in g.items() if k != "params")))
+                    for g in ref.param_groups for p in g["params"] if p.requires_grad}
+        assert len(groups) == len(distinct) < len(got)
+
+
+def test_constructor_agvm_keys_and_errors():
+    from mmengine.optim import DefaultOptimWrapperConstructor
+
+    from agvm.mm import register_all
+    from agvm.mm.optim import AGVMOptimWrapperConstructor
+
+    register_all()
+    adamw = dict(type="AdamW", lr=1e-3, weight_decay=0.05)
+    model = Net()
+    modules = dict(backbone="backbone", fpn="neck", bbox_head="bbox_head")
+    ow = AGVMOptimWrapperConstructor(dict(optimizer=dict(adamw, type="AGVMAdamW")),
+                                     dict(frozen_modules=["bbox_head"], modules=modules))(model)
+    assert ow.optimizer.modules == ["backbone", "fpn"]
+    assert not any(p.requires_grad for p in model.bbox_head.parameters())
+    assert {id(p) for g in ow.optimizer.param_groups for p in g["params"]} == \
+        {id(p) for n, p in model.named_parameters() if not n.startswith("bbox_head")}
+    # the project's shorthand is mmengine's three multipliers
+    a, b = Net(), Net()
+    short = AGVMOptimWrapperConstructor(dict(optimizer=adamw), dict(no_decay_norm_bias=True))(a).optimizer
+    three = dict(norm_decay_mult=0.0, bias_decay_mult=0.0, flat_decay_mult=0.0)
+    ref = DefaultOptimWrapperConstructor(dict(optimizer=adamw), three)(b).optimizer
+    got = _lr_wd(short, a)
+    assert got == _lr_wd(ref, b) and got["backbone.gamma"][1] == got["neck.0.bias"][1] == 0.0
+    for cfg, match in ((dict(norm_decay_mul=0.0), "unknown paramwise_cfg keys"),
+                       (dict(no_decay_norm_bias=True, bias_decay_mult=0.0), "one or the other"),
+                       (dict(frozen_modules=["fpn"]), "unknown module"),
+                       (dict(modules=dict(backbone="backbone")), "belong to no AGVM module")):
+        with pytest.raises(ValueError, match=match):
+            AGVMOptimWrapperConstructor(dict(optimizer=adamw), cfg)(Net())
+
+
+def test_swin_config_uses_mmdets_paramwise_cfg():
+    """The Table 3 Swin-T base has mmdet's Swin paramwise_cfg as it is; with it our constructor gives a small
+    Swin-T-FPN the lr and weight decay mmengine's gives: biases keep weight decay 0.05, norms and position
+    tables get 0."""
+    pytest.importorskip("mmdet")
+    import os.path as osp
+
+    from mmdet.models.backbones import SwinTransformer
+    from mmengine.config import Config
+    from mmengine.optim import DefaultOptimWrapperConstructor
+
+    from agvm.mm import register_all
+    from agvm.mm.optim import AGVMOptimWrapperConstructor
+
+    register_all()
+    root = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+    ours = Config.fromfile(osp.join(root, "configs/_base_/faster_rcnn_swin-t.py")).optim_wrapper.paramwise_cfg
+    import mmdet as mmdet_pkg
+
+    theirs_cfg = osp.join(osp.dirname(mmdet_pkg.__file__), ".mim/configs/swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py")
+    mmdet = Config.fromfile(theirs_cfg).optim_wrapper.paramwise_cfg
+    assert ours.to_dict() == mmdet.to_dict()
+
+    def swin():
+        torch.manual_seed(0)
+        net = nn.Module()
+        net.backbone = SwinTransformer(embed_dims=16, depths=[1, 1], num_heads=[1, 2], strides=(4, 2),
+                                       out_indices=(0, 1), window_size=2, use_abs_pos_embed=True,
+                                       pretrain_img_size=16)
+        net.neck = nn.Conv2d(32, 8, 1)
+        return net
+
+    adamw = dict(type="AdamW", lr=1e-4, weight_decay=0.05)
+    theirs, net = swin(), swin()
+    ref = DefaultOptimWrapperConstructor(dict(optimizer=adamw), mmdet.to_dict())(theirs).optimizer
+    got = _lr_wd(AGVMOptimWrapperConstructor(dict(optimizer=dict(adamw, type="AGVMAdamW")), ours.to_dict())(net)
+                 .optimizer, net)
+    assert got == _lr_wd(ref, theirs)
+    biases = [n for n in got if n.endswith(".bias") and "norm" not in n]
+    assert len(biases) > 5 and all(got[n][1] == 0.05 for n in biases)
+    assert all(got[n][1] == 0.0 for n in got if "norm" in n or "relative_position_bias_table" in n
+               or "absolute_pos_embed" in n)
