@@ -16,9 +16,9 @@ order (interleaved), median over the rounds after one warm-up round:
 Printed: ms per iteration, ratio to sgd, and the amortised ratio at interval tau,
 ((tau - 1) * agvm + agvm_meas) / (tau * sgd).
 Memory (torch's profiler memory timeline on the CPU, one iteration of each contender), in units of the model's
-parameter bytes: the peak of gradient memory (what the profiler classes as gradients: p.grad and the kept half A),
-the peak of all memory during the iteration (parameters, momentum, activations, gradients, temporaries), and that
-peak minus sgd's.
+trainable parameter bytes: the peak of gradient memory (what the profiler classes as gradients: p.grad and the
+kept half A), the peak of all memory during the iteration (parameters, momentum, activations, gradients,
+temporaries), and that peak minus sgd's.
 """
 from __future__ import annotations
 
@@ -49,6 +49,7 @@ def build(batch: int, size: int, root: str):
     """(model, one data batch) of the demo's detector."""
     from demo import tiny_model_options
     from mmdet.registry import MODELS
+    from mmengine.logging import MMLogger
     from mmengine.registry import init_default_scope
     from mmengine.runner import Runner
 
@@ -62,6 +63,7 @@ def build(batch: int, size: int, root: str):
     options.update(tiny_model_options())
     cfg = load_config(CONFIG, options)
     init_default_scope("mmdet")
+    MMLogger.get_instance("bench_two_halves", log_level="ERROR")  # mmengine's per-parameter log lines
     torch.manual_seed(0)
     model = MODELS.build(cfg.model)
     model.init_weights()
@@ -157,8 +159,8 @@ def main(argv=None) -> int:
             print(f"  {name:11s} {sec * 1e3:8.1f} ms  {sec / base:6.3f}x")
         print(f"  amortised at tau={args.tau}: {amortised:.3f}x sgd")
         if not args.no_memory:
-            model_bytes = sum(q.numel() * q.element_size() for q in model.parameters())
-            print(f"  memory in model sizes ({model_bytes / 2**20:.1f} MiB of parameters): "
+            model_bytes = sum(q.numel() * q.element_size() for q in model.parameters() if q.requires_grad)
+            print(f"  memory in model sizes ({model_bytes / 2**20:.1f} MiB of trainable parameters): "
                   "peak gradients, peak total, peak total - sgd's")
             peaks = {name: memory(step, data, model_bytes) for name, step in steps.items()}
             for name, (grad, total) in peaks.items():

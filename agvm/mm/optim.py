@@ -59,9 +59,10 @@ class AGVMOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         frozen_modules: modules to freeze and leave out of the optimizer (Fig. 4's frozen head).
         no_decay_norm_bias: shorthand for ``norm_decay_mult=0, bias_decay_mult=0, flat_decay_mult=0``.
     Then groups equal in everything but their parameters are merged (few, large groups for the foreach / fused
-    kernels), and parameters with ``requires_grad=False`` are left out (mmengine keeps them in groups of their own,
-    where they are never updated). Used for every optimizer of the configs (baselines too), so baselines and
-    AGVM see the same groups; torch optimizers keep the extra "module" key.
+    kernels); parameters with ``requires_grad=False`` are left out (as mmengine's ``add_params`` does; without a
+    ``paramwise_cfg`` mmengine would pass them all, where they are never updated). Used for every optimizer of
+    the configs (baselines too), so baselines and AGVM see the same groups; torch optimizers keep the extra
+    "module" key.
     """
 
     def __init__(self, optim_wrapper_cfg: dict, paramwise_cfg: Optional[dict] = None):

@@ -56,7 +56,8 @@ def full_halves(opt, halves):
     """(ga, gb) from either form of ``step(halves=...)``: gb is derived as 2 * p.grad - ga for (ga, None)."""
     ga, gb = halves
     if gb is None:
-        gb = [None if p.grad is None else 2 * p.grad - (0 if a is None else a) for p, a in zip(opt.params_in_order(), ga)]
+        gb = [None if p.grad is None else 2 * p.grad - (0 if a is None else a)
+              for p, a in zip(opt.params_in_order(), ga)]
     return ga, gb
 
 
