@@ -87,7 +87,7 @@ class AGVMOptimWrapperConstructor(DefaultOptimWrapperConstructor):
             model = model.module
         freeze_modules(model, self.modules, self.frozen_modules)
         params: List[dict] = []
-        self.add_params(params, model)  # custom_keys may freeze parameters (requires_grad=False) too
+        self.add_params(params, model)  # mmengine: one group per parameter, frozen ones skipped
         owner = module_map(model, self.modules)
         defaults = {k: v for k, v in self.optimizer_cfg.items() if k != "type"}
         groups: List[dict] = []
