@@ -74,14 +74,17 @@ class TwoHalves:
                 p.grad = b
 
     @torch.no_grad()
-    def pop(self, scale: float = 1.0) -> Optional[Tuple[List[Optional[torch.Tensor]], None]]:
+    def pop(self, scale: float = 1.0, derive_b: bool = False) -> Optional[tuple]:
         """Add half A's gradient to ``p.grad`` in place and return ``(ga, None)`` for ``step(halves=...)``,
         or None when no half A was kept. ``scale``: the loss scale the backward passes used (a GradScaler's
-        ``get_scale()``): ``ga`` is returned unscaled, as ``p.grad`` will be after ``scaler.unscale_``."""
+        ``get_scale()``): ``ga`` is returned unscaled, as ``p.grad`` will be after ``scaler.unscale_``.
+        ``derive_b=True`` returns ``(ga, gb)`` with gb = 2 p.grad - ga materialised now (one more gradient-sized
+        buffer): needed when p.grad changes before the step other than by the scaler (gradient clipping)."""
         ga, self._ga = self._ga, None
         if ga is None:
             return None
-        for p, a in zip(self.optimizer.params_in_order(), ga):
+        params = self.optimizer.params_in_order()
+        for p, a in zip(params, ga):
             if a is None:
                 continue
             if p.grad is None:  # only half A reached p
@@ -89,10 +92,10 @@ class TwoHalves:
             else:
                 p.grad.add_(a)
             a.mul_(2.0 / scale)
-        # TODO(rebase): return (ga, None) once step(halves=(ga, None)) lands in agvm/optim (gb derived there)
-        gb = [None if p.grad is None else (p.grad * (2.0 / scale) if a is None else p.grad * (2.0 / scale) - a)
-              for p, a in zip(self.optimizer.params_in_order(), ga)]
-        return ga, gb
+        if not derive_b:
+            return ga, None
+        return ga, [None if p.grad is None else p.grad * (2.0 / scale) - (0 if a is None else a)
+                    for p, a in zip(params, ga)]
 
 
 def backward_two_halves(
@@ -112,6 +115,8 @@ def backward_two_halves(
         loss: a closure returning the whole batch's mean loss; off measurement steps it is the only pass.
             Without it both halves run on every step.
         weights: the halves' shares of the batch (n_a / n, n_b / n), summing to 1.
+    Half B is derived in the step from p.grad: to clip p.grad before the step, use ``TwoHalves`` with
+    ``pop(derive_b=True)`` (as ``agvm.mm``'s optim wrappers do when ``clip_grad`` is set).
     """
     if len(weights) != 2 or abs(sum(weights) - 1.0) > 1e-6 or min(weights) <= 0:
         raise ValueError(f"weights must be the two halves' shares of the batch (n_a / n, n_b / n), got {weights}")

@@ -178,7 +178,9 @@ class _TwoHalvesMixin(_ClipWindowMixin):
 
     def step(self, **kwargs) -> None:
         """mmengine's step (clipping, loss scaler) with ``halves`` when half A's gradient was kept."""
-        halves = self._two.pop(self._loss_scale()) if self._two is not None else None
+        # clipping changes p.grad before the optimizer derives half B from it: then half B is materialised now
+        halves = self._two.pop(self._loss_scale(), derive_b=bool(self.clip_grad_kwargs)) \
+            if self._two is not None else None
         if halves is not None:
             kwargs["halves"] = halves
         super().step(**kwargs)

@@ -208,3 +208,22 @@ def test_error_inside_half_a_restores_gradients_and_bad_weights():
     assert all(p.grad is b for p, b in zip(opt.params_in_order(), before))
     with pytest.raises(ValueError, match="weights must be"):
         agvm.backward_two_halves(opt, lambda: None, lambda: None, weights=(0.5, 0.6))
+
+
+def test_derive_b_materialises_half_b_before_p_grad_changes():
+    """Clipping scales p.grad after pop: derive_b=True hands over half B as it was, so Phi stays right."""
+    model = make()
+    opt = agvm.AGVMSGD(agvm.param_groups(model), lr=0.1, interval=1)
+    x, y = batch(8)
+    two = agvm.TwoHalves(opt)
+    with two.half_a():
+        (loss_fn(model, x[:4], y[:4]) * 0.5).backward()
+    (loss_fn(model, x[4:], y[4:]) * 0.5).backward()
+    ga, gb = two.pop(derive_b=True)
+    torch.nn.utils.clip_grad_norm_(opt.params_in_order(), 1e-3)
+    _, ga_ref, gb_ref = reference(x, y, 4)
+    index = {id(p): k for k, p in enumerate(model.parameters())}
+    for p, a, b in zip(opt.params_in_order(), ga, gb):
+        if p.grad is not None:
+            torch.testing.assert_close(a, ga_ref[index[id(p)]])
+            torch.testing.assert_close(b, gb_ref[index[id(p)]])
