@@ -100,8 +100,8 @@ def test_files_are_written_atomically_and_load_back(tmp_path, monkeypatch) -> No
     torch.save({"model": {"module." + k: v for k, v in _pretrain_sd().items()}}, src)
     dst = tmp_path / "out" / "init.pth"
     rep = convert_file("pretrain-to-det", str(src), str(dst))
-    assert sorted(os.listdir(dst.parent)) == ["init.pth"]  # no temporary file left
-    ck = torch.load(dst, weights_only=False)
+    assert sorted(os.listdir(dst.parent)) == ["init.pth", "init.pth.sha256"]  # no temporary file left
+    ck = torch.load(dst, weights_only=True)
     assert sorted(ck["state_dict"]) == rep.kept and ck["meta"]["handover"]["dropped"] == rep.dropped
     assert sorted(load_state_dict(str(dst))) == rep.kept
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -118,7 +118,7 @@ def test_files_are_written_atomically_and_load_back(tmp_path, monkeypatch) -> No
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(RuntimeError, match="disk full"):
         save_checkpoint({"a": torch.zeros(1)}, str(dst), rep)
-    assert dst.read_bytes() == before and sorted(os.listdir(dst.parent)) == ["init.pth"]
+    assert dst.read_bytes() == before and sorted(os.listdir(dst.parent)) == ["init.pth", "init.pth.sha256"]
 
 
 def _no_bn_counters(keys) -> set:
@@ -172,3 +172,13 @@ def test_handover_between_real_tiny_models(tmp_path) -> None:
     torch.save({"state_dict": o_sd, "meta": {}}, src)
     rep3 = convert_file("o365-to-coco", str(src), str(tmp_path / "coco_init.pth"), target_config=TINY)
     assert rep3.kept == rep2.kept and rep3.new == rep2.new
+    # load_from's strict load (agvm.mm.checkpoint) accepts exactly the parts the file marks fresh as missing
+    from agvm.mm.checkpoint import CheckpointError, load_into_model, read
+
+    init = read(tmp_path / "coco_init.pth")
+    fresh_model = MODELS.build(cfg.model)
+    load_into_model(fresh_model, init["state_dict"], fresh=init["meta"]["handover"]["fresh"])
+    assert torch.equal(fresh_model.roi_head.bbox_head[2].fc_reg.weight, o365.roi_head.bbox_head[2].fc_reg.weight)
+    with pytest.raises(CheckpointError, match="missing keys"):
+        load_into_model(fresh_model, {k: v for k, v in init["state_dict"].items() if not k.startswith("neck.")},
+                        fresh=init["meta"]["handover"]["fresh"])
