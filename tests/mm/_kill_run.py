@@ -3,8 +3,7 @@
 - the training loader uses 2 persistent workers (the synthetic data defaults to 0): a real multi-process pipeline;
 - ``AGVM_KILL=<moment>:<n>:<signal>`` makes the process send itself ``signal`` at the n-th occurrence of
   ``moment``: ``backward`` (mid-iteration, after the forward pass), ``write`` (mid-checkpoint-write: half the
-  bytes of the n-th checkpoint are on disk), ``finalize`` (the n-th checkpoint fully written, before its rename),
-  ``val`` (during the n-th evaluation batch).
+  bytes of the n-th checkpoint are on disk), ``val`` (during the n-th evaluation batch).
 The same command without AGVM_KILL is the resume (the resolved config is identical).
 """
 import os
@@ -65,17 +64,6 @@ def _arm(moment: str, n: int, sig: int) -> None:
             return put(self, obj, filepath)
 
         LocalBackend.put = half_put
-    elif moment == "finalize":
-        import agvm.mm.checkpoint as C
-
-        finalize = C.finalize
-
-        def killed_finalize(tmp, path):
-            if hit():
-                die()
-            return finalize(tmp, path)
-
-        C.finalize = killed_finalize
     elif moment == "val":
         from mmengine.runner import ValLoop
 

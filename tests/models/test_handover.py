@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+from agvm.mm.checkpoint import RefusedCheckpoint
 from models.handover import (HandoverError, convert_file, load_state_dict, o365_to_coco, pretrain_to_detector,
                              save_checkpoint)
 
@@ -95,7 +96,13 @@ def test_o365_to_coco_errors_and_mask_branch() -> None:
         o365_to_coco(sd, target)
 
 
+class _Boom:
+    def __reduce__(self):
+        return (os.system, ("echo SHOULD-NOT-RUN > boom.txt",))
+
+
 def test_files_are_written_atomically_and_load_back(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
     src = tmp_path / "pre.pth"
     torch.save({"model": {"module." + k: v for k, v in _pretrain_sd().items()}}, src)
     dst = tmp_path / "out" / "init.pth"
@@ -106,6 +113,11 @@ def test_files_are_written_atomically_and_load_back(tmp_path, monkeypatch) -> No
     assert sorted(load_state_dict(str(dst))) == rep.kept
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_state_dict(str(tmp_path / "missing.pth"))
+    planted = tmp_path / "planted.pth"  # unpickling it would run code: refused, never run
+    torch.save({"model": _pretrain_sd(), "x": _Boom()}, planted)
+    with pytest.raises(RefusedCheckpoint, match="refused.*--unsafe-load"):
+        convert_file("pretrain-to-det", str(planted), str(tmp_path / "x.pth"))
+    assert not (tmp_path / "boom.txt").exists()
     with pytest.raises(ValueError, match="unknown hand-over"):
         convert_file("coco-to-lvis", str(src), str(dst))
 
