@@ -10,10 +10,11 @@
    On a CUDA build, or where the extension loads, nothing is touched. mmdet's detectors use mmcv.ops,
    not these operators.
 2. torch >= 2.6 loads checkpoints with ``weights_only=True``; mmengine checkpoints carry numpy
-   scalars, arrays and dtypes in their meta data and HistoryBuffer objects in their message hub. The
-   numpy types and HistoryBuffer are allow-listed. A full mmengine *training* checkpoint still needs
-   ``builtins.getattr`` for its message hub, which is never allow-listed (it would open the safe mode);
-   resuming one's own run loads it as a trusted file (see agvm.mm), and evaluation loads weights only.
+   scalars, arrays and dtypes in their meta data and HistoryBuffer objects in their message hub, whose
+   statistics methods are pickled as ``getattr(HistoryBuffer, 'mean')``. The minimal allow-list: the numpy
+   types, HistoryBuffer, and in place of ``builtins.getattr`` a function that gives out only those four
+   methods of HistoryBuffer (anything else is refused). ``agvm.mm.checkpoint.read`` loads every checkpoint
+   this way; ``weights_only=False`` only behind ``--unsafe-load``.
 """
 from __future__ import annotations
 
@@ -97,6 +98,22 @@ def _define_torchvision_ops() -> None:
 _LIB = None
 
 
+_HISTORY_STATISTICS = ("min", "max", "current", "mean")
+
+
+def _history_buffer_method(obj, name):
+    """Stands in for ``builtins.getattr`` in weights-only loading: mmengine pickles HistoryBuffer's statistics
+    methods as ``getattr(HistoryBuffer, 'mean')``. Only those four attributes of HistoryBuffer are given out."""
+    from mmengine.logging.history_buffer import HistoryBuffer
+
+    if obj is HistoryBuffer and name in _HISTORY_STATISTICS:
+        return getattr(obj, name)
+    import pickle
+
+    raise pickle.UnpicklingError(f"refused getattr({getattr(obj, '__name__', type(obj).__name__)}, {name!r}): only "
+                                 f"HistoryBuffer.{{{', '.join(_HISTORY_STATISTICS)}}} are allowed")
+
+
 def _allow_list_checkpoint_globals() -> None:
     safe = []
     try:
@@ -110,7 +127,7 @@ def _allow_list_checkpoint_globals() -> None:
     try:
         from mmengine.logging.history_buffer import HistoryBuffer
 
-        safe.append(HistoryBuffer)
+        safe += [HistoryBuffer, (_history_buffer_method, "builtins.getattr")]
     except ImportError:
         pass
     if safe:

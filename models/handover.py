@@ -14,7 +14,9 @@
 Every key must fall under exactly one rule; anything else is an error (not silently dropped). With ``target``
 (the receiving model's state dict or key -> shape map, e.g. built on the meta device from the next stage's config)
 the kept keys must exist there with equal shapes, and the target keys left uninitialised must be the expected new
-ones. Each conversion returns a :class:`HandoverReport`; files are written atomically (tmp file + ``os.replace``).
+ones. Each conversion returns a :class:`HandoverReport`; files are read and written by ``agvm.mm.checkpoint``
+(verified, ``weights_only=True``; written atomically with a ``.sha256`` sidecar). The written file records which
+target keys start fresh, so ``load_from`` accepts exactly those as missing.
 
 CLI::
 
@@ -26,7 +28,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Mapping, Sequence
 
@@ -72,6 +73,7 @@ class HandoverReport:
     dropped: dict[str, str] = field(default_factory=dict)
     new: list[str] = field(default_factory=list)
     source: str = ""
+    fresh: list[str] = field(default_factory=list)  # regexes of the receiving model's keys that start fresh
 
     def summary(self) -> str:
         reasons: dict[str, int] = {}
@@ -109,7 +111,7 @@ def pretrain_to_detector(state: Mapping[str, torch.Tensor], target: Mapping[str,
                          ) -> tuple[dict[str, torch.Tensor], HandoverReport]:
     """Pre-training (timm UniNet) state dict -> detector state dict with only ``backbone.*`` keys."""
     out: dict[str, torch.Tensor] = {}
-    report = HandoverReport(source="pretrain")
+    report = HandoverReport(source="pretrain", fresh=list(PRETRAIN_NEW))
     unknown = []
     for k, v in state.items():
         if _match(k, PRETRAIN_DROP):
@@ -133,7 +135,7 @@ def o365_to_coco(state: Mapping[str, torch.Tensor], target: Mapping[str, object]
                  allow_src_mask: bool = False) -> tuple[dict[str, torch.Tensor], HandoverReport]:
     """Objects365 HTC-X state dict -> COCO HTC-X initialisation (see the module docstring for the rules)."""
     out: dict[str, torch.Tensor] = {}
-    report = HandoverReport(source="objects365")
+    report = HandoverReport(source="objects365", fresh=list(O365_NEW))
     unknown, mask = [], []
     for k, v in state.items():
         if _match(k, O365_DROP):
@@ -159,13 +161,15 @@ def o365_to_coco(state: Mapping[str, torch.Tensor], target: Mapping[str, object]
     return out, report
 
 
-def load_state_dict(path: str) -> dict[str, torch.Tensor]:
+def load_state_dict(path: str, unsafe_load: bool = False) -> dict[str, torch.Tensor]:
     """The model weights of a checkpoint file: a plain state dict or ``{'state_dict' | 'model' | 'module': ...}``
-    (mmengine / timm / DeepSpeed-style); a leading ``module.`` (DDP) is removed. Only load files you trust
-    (``weights_only=False``: mmengine checkpoints carry Python objects in their meta data)."""
+    (mmengine / timm / DeepSpeed-style); a leading ``module.`` (DDP) is removed. Read by ``agvm.mm.checkpoint.read``
+    (verified, ``weights_only=True``; ``unsafe_load`` only for files you trust)."""
+    from agvm.mm.checkpoint import read
+
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = read(path, unsafe=unsafe_load)
     for key in ("state_dict", "model", "module"):
         if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
             ckpt = ckpt[key]
@@ -176,18 +180,11 @@ def load_state_dict(path: str) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(state: Mapping[str, torch.Tensor], path: str, report: HandoverReport) -> None:
-    """Write ``{'state_dict': ..., 'meta': {'handover': report}}`` (loadable by mmengine ``load_from``) atomically."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".handover-", suffix=".tmp", dir=d)
-    os.close(fd)
-    try:
-        torch.save({"state_dict": dict(state), "meta": {"handover": asdict(report)}}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Write ``{'state_dict': ..., 'meta': {'handover': report}}`` (loadable as ``load_from``: the keys the report
+    marks ``fresh`` may be missing) atomically, with a checksum sidecar (``agvm.mm.checkpoint.save``)."""
+    from agvm.mm.checkpoint import save
+
+    save({"state_dict": dict(state), "meta": {"handover": asdict(report)}}, path)
 
 
 def target_shapes_from_config(config: str) -> dict[str, tuple[int, ...]]:
@@ -211,9 +208,9 @@ def target_shapes_from_config(config: str) -> dict[str, tuple[int, ...]]:
 
 
 def convert_file(kind: str, src: str, dst: str, target_config: str | None = None,
-                 allow_src_mask: bool = False) -> HandoverReport:
+                 allow_src_mask: bool = False, unsafe_load: bool = False) -> HandoverReport:
     """Run one hand-over on files: ``kind`` is 'pretrain-to-det' or 'o365-to-coco'."""
-    state = load_state_dict(src)
+    state = load_state_dict(src, unsafe_load)
     target = target_shapes_from_config(target_config) if target_config else None
     if kind == "pretrain-to-det":
         out, report = pretrain_to_detector(state, target)
@@ -234,8 +231,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--target-config", default=None, help="config of the receiving model, to check keys and shapes")
     p.add_argument("--allow-src-mask", action="store_true", help="o365-to-coco: drop a mask branch in the source")
     p.add_argument("--report", default=None, help="also write the report as JSON here")
+    p.add_argument("--unsafe-load", action="store_true",
+                   help="read SRC with torch.load(weights_only=False): only for files you trust")
     a = p.parse_args(argv)
-    report = convert_file(a.kind, a.src, a.dst, a.target_config, a.allow_src_mask)
+    report = convert_file(a.kind, a.src, a.dst, a.target_config, a.allow_src_mask, a.unsafe_load)
     print(report.summary())
     if a.report:
         write_json_atomic(a.report, asdict(report))

@@ -39,6 +39,7 @@ import torch.nn as nn
 
 import agvm._compat
 from agvm.fileio import main_rank_lock, write_json_atomic
+from agvm.mm.checkpoint import read, rng_state, set_rng_state
 
 agvm._compat.apply()
 
@@ -97,12 +98,10 @@ def resolve_train_dir(cfg: Dict[str, Any], data_root: Optional[str] = None) -> P
 
 
 def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then os.replace (never a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save atomically with a checksum sidecar (``agvm.mm.checkpoint.save``): never a half-written file."""
+    from agvm.mm.checkpoint import save
+
+    save(obj, str(path))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,23 +230,21 @@ def _train(cfg: Dict[str, Any], data_root: Optional[str], work_dir: str, resume:
     step, epoch, done_in_epoch = 0, 0, 0
     last = work / "last.pth"
     if resume and last.is_file():
-        state = torch.load(last, map_location="cpu", weights_only=False)  # our own trusted file
+        state = read(last)  # verified, weights_only=True
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, epoch, done_in_epoch = state["step"], state["epoch"], state["steps_done_in_epoch"]
         rng = state.get("rng", {}).get(rank)
         if rng is not None:  # same augmentation draws as an uninterrupted run (single process, workers=0)
-            torch.set_rng_state(rng["torch"])
-            random.setstate(rng["python"])
-            np.random.set_state(rng["numpy"])
+            set_rng_state(rng)
         if rank == 0:
             print(f"[pretrain] resumed from {last} at step {step} (epoch {epoch})", flush=True)
 
     def checkpoint() -> None:
         if rank != 0:
             return
-        rng = {0: dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state())}
+        rng = {0: rng_state()}
         save_atomic(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
                          scheduler=scheduler.state_dict(), step=step, epoch=epoch,
                          steps_done_in_epoch=done_in_epoch, config=cfg, rng=rng), last)

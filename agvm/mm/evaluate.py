@@ -20,10 +20,11 @@ Checkpoints understood (the format is recognised from the file, not from a flag)
   with top-1 / top-5 accuracy. Given with a detector config instead, they are refused with a message: a
   backbone alone cannot be evaluated as a detector (fine-tune from it with ``init_cfg=dict(type='Pretrained')``).
 
-Loading is ``torch.load(weights_only=True)`` (mmengine's HistoryBuffer and numpy scalars are allow-listed by
-``agvm._compat``); files that need more are refused unless ``--unsafe-load`` says the file is trusted. A
-truncated or corrupted file gives a one-line error, not a pickle trace. Parameter names or shapes that do not
-match the config's model give an error listing the missing, unexpected and mis-shaped keys.
+Reading, verification, remapping and the strict load are ``agvm.mm.checkpoint``'s: the file is verified (its
+``.sha256`` sidecar, else the CRC-32 of torch's zip records) and a damaged one is refused as damaged; loading is
+``torch.load(weights_only=True)`` with a minimal allow-list (numpy meta data, mmengine's HistoryBuffer), and a file
+that needs more is refused (named as such) unless ``--unsafe-load`` says the file is trusted. Parameter names or
+shapes that do not match the config's model give an error listing the missing, unexpected and mis-shaped keys.
 """
 from __future__ import annotations
 
@@ -31,262 +32,19 @@ import argparse
 import json
 import os
 import os.path as osp
-import pickle
 import re
 import sys
-import zipfile
-from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
 from agvm.fileio import write_json_atomic
 
-__all__ = ["CheckpointError", "load_checkpoint_file", "extract_state_dict", "detect_source", "remap_state_dict",
-           "load_into_model", "evaluate", "evaluate_classifier", "write_results_files", "results_files_run", "main",
-           "MMDET2_RULES"]
+from .checkpoint import (CheckpointError, detect_source, extract_state_dict, load_into_model, read,
+                         remap_state_dict)
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used with the config; the message says why and what to do."""
-
-
-# (pattern, replacement, why). Applied in order to every key of an mmdet 2.x / mmcv 1.x checkpoint.
-MMDET2_RULES: Tuple[Tuple[str, str, str], ...] = (
-    (r"^module\.", "", "model wrapper prefix (DDP / the authors' AgvmDistModule saved without unwrapping)"),
-)
-# A two-stage mmdet 1.x checkpoint keeps its box / mask heads at the top level; 2.x moved them into roi_head.
-_MMDET1_TWO_STAGE = re.compile(r"^(bbox_head|mask_head)\.(fc_cls|fc_reg|shared_fcs|convs|conv_logits)")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Reading the file
-# ---------------------------------------------------------------------------------------------------------------
-
-def _corrupt(path: Path, err: BaseException) -> CheckpointError:
-    msg = str(err).strip()
-    if "WeightsUnpickler error:" in msg:  # torch wraps the real reason in a long weights_only explanation
-        msg = msg.split("WeightsUnpickler error:", 1)[1].strip()
-    first = msg.splitlines()[0].split(". ")[0].rstrip(".") if msg else type(err).__name__
-    size = path.stat().st_size
-    return CheckpointError(
-        f"checkpoint {path} cannot be read: the file looks truncated or corrupted ({size} bytes; "
-        f"{type(err).__name__}: {first[:200]}). Copy or download it again; for a run's own checkpoint, use the "
-        "previous one (checkpoints are written atomically, so an older file is complete).")
-
-
-class _Inert:
-    """Stands in for any object a checkpoint stores besides tensors (log buffers, functions, configs): it is
-    created without running the stored class's code and ignores its state."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def __call__(self, *args: Any, **kwargs: Any) -> "_Inert":
-        return _Inert()
-
-    def __setstate__(self, state: Any) -> None:
-        pass
-
-    def __setitem__(self, key: Any, value: Any) -> None:  # SETITEMS on a stand-in dict
-        pass
-
-    def append(self, value: Any) -> None:  # APPENDS on a stand-in list
-        pass
-
-    def extend(self, values: Any) -> None:
-        pass
-
-
-# Globals the restricted loader resolves for real: torch's tensor rebuilding, containers, numpy arrays.
-_REAL_GLOBALS = {
-    ("collections", "OrderedDict"), ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor_v3"),
-    ("torch._utils", "_rebuild_parameter"), ("torch._utils", "_rebuild_parameter_with_state"),
-    ("torch", "Size"), ("torch", "device"), ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"),
-    ("builtins", "complex"), ("builtins", "bytearray"), ("_codecs", "encode"), ("numpy", "ndarray"), ("numpy", "dtype"),
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-}
-
-
-_TORCH_DTYPES = {"float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "uint8", "int8", "bool"}
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _REAL_GLOBALS or (module == "torch" and name in _TORCH_DTYPES) \
-                or (module == "numpy.dtypes" and name.endswith("DType")):
-            return super().find_class(module, name)
-        return _Inert
-
-
-class _RestrictedPickleModule:
-    """A ``pickle_module`` for torch.load: tensors and plain containers are rebuilt, every other global becomes
-    an inert stand-in, so no code stored in the file runs (the fallback when weights_only=True refuses)."""
-
-    __name__ = "agvm_restricted_pickle"
-    Unpickler = _RestrictedUnpickler
-    UnpicklingError = pickle.UnpicklingError
-
-    @staticmethod
-    def load(f: Any, **kwargs: Any) -> Any:
-        return _RestrictedUnpickler(f, **kwargs).load()
-
-
-def load_checkpoint_file(path: str | os.PathLike, unsafe: bool = False) -> Any:
-    """The object stored in ``path`` (``.pth``/``.pt``/``.ckpt`` via torch.load, or ``.safetensors``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): the save was interrupted; use another file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as err:  # safetensors raises its own error types for bad headers / lengths
-            raise _corrupt(path, err) from None
-    import agvm._compat
-
-    agvm._compat.apply()  # allow-lists mmengine's HistoryBuffer and numpy scalars for weights_only loading
-    try:
-        return torch.load(path, map_location="cpu", weights_only=not unsafe)
-    except pickle.UnpicklingError as err:
-        msg = str(err)
-        bad = re.search(r"Unsupported global: GLOBAL ([\w.]+)", msg)
-        if not bad:
-            raise _corrupt(path, err) from None
-        # Objects besides the weights (e.g. mmengine's message hub: HistoryBuffer with its statistics
-        # functions). Read the file again with every such object replaced by an inert stand-in.
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RestrictedPickleModule)
-        except Exception as err2:
-            raise CheckpointError(
-                f"checkpoint {path} holds a Python object ({bad.group(1)}) that safe loading (weights_only=True) "
-                f"refuses, and the restricted reader failed too ({type(err2).__name__}: {str(err2)[:120]}). If you "
-                "trust the file, pass --unsafe-load (torch.load(weights_only=False)).") from None
-        print(f"[evaluate] {path}: non-tensor objects (first: {bad.group(1)}) were replaced by inert stand-ins "
-              "(no code from the file was run); the weights are complete", file=sys.stderr)
-        return obj
-    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, KeyError, AttributeError,
-            ImportError, IndexError, TypeError) as err:
-        raise _corrupt(path, err) from None
-
-
-def extract_state_dict(obj: Any, path: str = "checkpoint") -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
-    """(state_dict, meta) from an mmengine / mmcv checkpoint, a timm-style ``{'model': ...}`` or a plain dict."""
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: expected a dict (a state_dict or a checkpoint holding one), got "
-                              f"{type(obj).__name__}")
-    meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
-    for key in ("state_dict", "model", "module"):
-        if isinstance(obj.get(key), dict):
-            sd = obj[key]
-            break
-    else:
-        sd = obj
-    tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise CheckpointError(f"{path}: no tensors found (keys: {sorted(obj)[:10]}); is this a model checkpoint?")
-    return tensors, meta
-
-
-def detect_source(state_dict: Dict[str, torch.Tensor], meta: Dict[str, Any]) -> str:
-    """'mmdet1', 'mmdet2' (mmcv 1.x layout), 'mmengine' or 'plain' (timm / torch state dict)."""
-    version = str(meta.get("mmdet_version", ""))
-    if version.startswith("1."):
-        return "mmdet1"
-    if version.startswith("2.") or str(meta.get("mmcv_version", "")).startswith("1.") or "CLASSES" in meta:
-        return "mmdet2"
-    if "mmengine_version" in meta or "dataset_meta" in meta or meta:
-        return "mmengine"
-    return "plain"
-
-
-def rpn_softmax_to_sigmoid(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Convert a softmax RPN classifier (2 channels per anchor: foreground, background, as mmdet >= 2.5 orders
-    them) into the sigmoid one (1 channel per anchor) with identical objectness:
-    sigmoid(z_fg - z_bg) = softmax(z_fg, z_bg)[fg], and the difference of two convolutions is one convolution."""
-    w = weight.reshape(weight.shape[0] // 2, 2, *weight.shape[1:])
-    b = None if bias is None else bias.reshape(-1, 2)
-    return w[:, 0] - w[:, 1], None if b is None else b[:, 0] - b[:, 1]
-
-
-def remap_state_dict(state_dict: Dict[str, torch.Tensor], source: str,
-                     model_keys: Iterable[str] = (),
-                     model_state: Optional[Dict[str, torch.Tensor]] = None) -> Tuple[Dict[str, torch.Tensor], List[str]]:
-    """Keys renamed for this repository's (mmdet 3.x) models; returns (new state dict, notes on what changed).
-
-    Besides the prefix rules, the authors' configs train the RPN with a softmax classifier (``use_sigmoid=False``:
-    2 logits per anchor); when the config's model has the sigmoid RPN (1 logit per anchor) the classifier is
-    converted exactly (``rpn_softmax_to_sigmoid``)."""
-    model_keys = set(model_keys) | set(model_state or {})
-    notes: List[str] = []
-    two_stage = any(k.startswith("roi_head.") for k in model_keys)
-    if source == "mmdet1" or (two_stage and any(_MMDET1_TWO_STAGE.match(k) for k in state_dict)
-                              and not any(k.startswith("roi_head.") for k in state_dict)):
-        raise CheckpointError(
-            "this is an mmdetection 1.x checkpoint (box/mask heads outside roi_head, background class first): "
-            "convert it with mmdetection 2.x's tools/model_converters/upgrade_model_version.py, then evaluate")
-    out: Dict[str, torch.Tensor] = {}
-    counts: Counter = Counter()
-    for k, v in state_dict.items():
-        new = k
-        for pattern, repl, _ in (MMDET2_RULES if source in ("mmdet2", "plain", "mmengine") else ()):
-            changed = re.sub(pattern, repl, new)
-            if changed != new:
-                counts[pattern] += 1
-                new = changed
-        if new in out:
-            raise CheckpointError(f"two checkpoint keys map to {new!r} after removing wrapper prefixes")
-        out[new] = v
-    notes += [f"{n} keys: removed '{p.strip('^').replace(chr(92), '')}'" for p, n in counts.items()]
-    w_key, b_key = "rpn_head.rpn_cls.weight", "rpn_head.rpn_cls.bias"
-    if model_state and w_key in out and w_key in model_state \
-            and out[w_key].shape[0] == 2 * model_state[w_key].shape[0] \
-            and out[w_key].shape[1:] == model_state[w_key].shape[1:]:
-        out[w_key], b = rpn_softmax_to_sigmoid(out[w_key], out.get(b_key))
-        if b is not None:
-            out[b_key] = b
-        notes.append("rpn_head.rpn_cls: softmax RPN classifier (2 logits per anchor) converted to the config's "
-                     "sigmoid RPN (fg - bg logit; identical objectness scores)")
-    return out, notes
-
-
-def _summarise(keys: Sequence[str], limit: int = 15) -> str:
-    groups = Counter(".".join(k.split(".")[:2]) for k in keys)
-    head = ", ".join(f"{g}.* ({n})" for g, n in groups.most_common(8))
-    listed = "\n    ".join(list(keys)[:limit]) + (f"\n    ... and {len(keys) - limit} more" if len(keys) > limit else "")
-    return f"{len(keys)} [by prefix: {head}]\n    {listed}"
-
-
-def load_into_model(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], what: str = "checkpoint") -> None:
-    """Strict load: any missing, unexpected or mis-shaped key is an error that lists them.
-
-    BatchNorm ``num_batches_tracked`` counters missing from older checkpoints are not an error."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state_dict if k not in own]
-    shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        parts = [f"{what} does not match the config's model:"]
-        if missing:
-            parts.append(f"  missing keys (in the model, not in the checkpoint): {_summarise(missing)}")
-        if unexpected:
-            parts.append(f"  unexpected keys (in the checkpoint, not in the model): {_summarise(unexpected)}")
-        if shapes:
-            parts.append(f"  shape mismatches: {_summarise(shapes)}")
-        parts.append("  Check that the config is the one the checkpoint was trained with (pipeline, backbone, "
-                     "num_classes).")
-        raise CheckpointError("\n".join(parts))
-    full = dict(state_dict)
-    for k in own:
-        if k not in full:  # num_batches_tracked only
-            full[k] = own[k]
-    model.load_state_dict(full, strict=True)
+__all__ = ["prepare", "evaluate", "evaluate_classifier", "write_results_files", "results_files_run", "main"]
 
 
 def _backbone_only(state_dict: Dict[str, torch.Tensor], model: torch.nn.Module) -> bool:
@@ -299,7 +57,7 @@ def _backbone_only(state_dict: Dict[str, torch.Tensor], model: torch.nn.Module) 
 
 def prepare(model: torch.nn.Module, checkpoint: str, unsafe: bool = False) -> List[str]:
     """Read ``checkpoint``, remap it for ``model`` and load it strictly; returns notes on the conversion."""
-    obj = load_checkpoint_file(checkpoint, unsafe)
+    obj = read(checkpoint, unsafe)
     sd, meta = extract_state_dict(obj, checkpoint)
     source = detect_source(sd, meta)
     sd, notes = remap_state_dict(sd, source, model_state=model.state_dict())
@@ -424,8 +182,8 @@ def results_files_run(config: str, work_dir: str, cfg_options: Optional[dict] = 
         options.pop(key)  # the launcher's per-rank batch and seed keys concern training only
     files = write_results_files(config, checkpoint, osp.join(work_dir, "detections"), options,
                                 osp.join(work_dir, "eval"))
-    _write_json_atomic(osp.join(work_dir, "results_files.json"), {"checkpoint": str(checkpoint), "files": files})
-    _write_json_atomic(osp.join(work_dir, "metrics.json"), {})
+    write_json_atomic(osp.join(work_dir, "results_files.json"), {"checkpoint": str(checkpoint), "files": files})
+    write_json_atomic(osp.join(work_dir, "metrics.json"), {})
     return {}
 
 
@@ -449,7 +207,7 @@ def evaluate_classifier(config: str, checkpoint: str, overrides: Sequence[str] =
         raise FileNotFoundError(f"evaluation folder {folder} does not exist; expected <root>/{split}/<class>/<image>")
     mkw = {k: v for k, v in cfg["model"].items() if k not in ("name", "drop_path_rate", "grad_checkpointing")}
     model = timm.create_model(cfg["model"]["name"], **mkw)
-    obj = load_checkpoint_file(checkpoint, unsafe_load)
+    obj = read(checkpoint, unsafe_load)
     sd, meta = extract_state_dict(obj, checkpoint)
     sd, notes = remap_state_dict(sd, "plain", model.state_dict().keys())
     if any(k.startswith("backbone.") for k in sd):

@@ -2,12 +2,15 @@
 
     python -m agvm.mm.train configs/faster_rcnn/faster_rcnn_r50_bs32_agvm_sgd.py --work-dir work_dirs/x \
         [--cfg-options dataset=synthetic train_cfg.max_epochs=1 ...] [--no-resume] [--launcher pytorch]
+        [--unsafe-load] [--allow-config-change]
 
 Trains with mmengine's Runner (``AGVMRunner``: atomic checkpoints), evaluates with the config's
 metric, writes ``<work_dir>/metrics.json`` (the final metrics as a flat ``{name: value}`` dict,
 atomically) and returns the same dict. With ``resume=True`` it continues from the newest complete
-checkpoint in ``work_dir``. ``dataset=synthetic`` (an override) trains on the generated data
-(``agvm.mm.synthetic``; written to ``$AGVM_SYNTHETIC_ROOT`` or ``data/synthetic`` when missing).
+checkpoint in ``work_dir`` that verifies (``agvm.mm.checkpoint``), bit-identically (generator states, mid-epoch
+position), and refuses a changed config unless ``--allow-config-change``. ``dataset=synthetic`` (an override)
+trains on the generated data (``agvm.mm.synthetic``; written to ``$AGVM_SYNTHETIC_ROOT`` or ``data/synthetic``
+when missing).
 The main rank holds ``work_dir``'s lock for the whole call (one run per work dir); a run whose loss turns
 NaN / Inf raises ``agvm.mm.hooks.TrainingDiverged`` after writing ``metrics.json`` with ``"status": "diverged"``.
 The CLI prints any error as one line (``agvm.cli.run``; ``--debug`` for the traceback).
@@ -193,8 +196,12 @@ def _one_run_per_work_dir(fn):
 
 @_one_run_per_work_dir
 def train(config: str, work_dir: str, cfg_options: Optional[dict] = None, resume: bool = True,
-          launcher: str = "none") -> Dict[str, float]:
-    """Train ``config`` into ``work_dir``, evaluate, write ``metrics.json``; returns the final metrics."""
+          launcher: str = "none", unsafe_load: bool = False, allow_config_change: bool = False) -> Dict[str, float]:
+    """Train ``config`` into ``work_dir``, evaluate, write ``metrics.json``; returns the final metrics.
+
+    ``unsafe_load``: read the checkpoint to resume from / ``load_from`` with ``torch.load(weights_only=False)``
+    (only for files you trust). ``allow_config_change``: resume although the resolved config differs from the
+    checkpoint's (otherwise refused with the differences)."""
     from mmengine.dist import is_main_process
 
     from .hooks import AGVMHook
@@ -223,6 +230,7 @@ def train(config: str, work_dir: str, cfg_options: Optional[dict] = None, resume
     if isinstance(cfg.get("visualizer"), dict):  # a fresh visualizer per run (mmengine keeps instances by name)
         cfg.visualizer["name"] = f"visualizer_{uuid.uuid4().hex[:12]}"
     runner = AGVMRunner.from_cfg(cfg)
+    runner.unsafe_load, runner.allow_config_change = unsafe_load, allow_config_change
     runner.train()
     hook = next(h for h in runner.hooks if isinstance(h, AGVMHook))
     metrics = hook.last_metrics
@@ -259,9 +267,14 @@ def main(argv=None) -> int:
                    help="key=value overrides, e.g. dataset=synthetic train_cfg.max_iters=10")
     p.add_argument("--no-resume", action="store_true", help="start from scratch even if checkpoints exist")
     p.add_argument("--launcher", default="none", choices=["none", "pytorch", "slurm", "mpi"])
+    p.add_argument("--unsafe-load", action="store_true",
+                   help="read the checkpoint to resume from / load_from with torch.load(weights_only=False): "
+                        "only for files you trust")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume although the config differs from the checkpoint's")
     a = p.parse_args(argv)
     metrics = train(a.config, a.work_dir, parse_cfg_options(a.cfg_options), resume=not a.no_resume,
-                    launcher=a.launcher)
+                    launcher=a.launcher, unsafe_load=a.unsafe_load, allow_config_change=a.allow_config_change)
     print(json.dumps(metrics, indent=1, sort_keys=True))
     return 0
 

@@ -38,3 +38,6 @@ def test_two_rank_training_uses_the_distributed_hook(synthetic_root, tmp_path):
     with open(osp.join(work, "rank0.json")) as f:
         assert "coco/bbox_mAP" in json.load(f)
     assert osp.exists(osp.join(work, "metrics.json"))
+    from agvm.mm.checkpoint import read  # each checkpoint holds every rank's generator state (gathered to rank 0)
+
+    assert len(read(osp.join(work, "epoch_4.pth"))["meta"]["rng_state"]) == 2

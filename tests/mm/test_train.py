@@ -26,7 +26,8 @@ def test_resume_continues_agvm_state(synthetic_root, tmp_path):
     with open(osp.join(work, "epoch_3.pth.tmp"), "wb") as f:
         f.write(b"partial")
     metrics = train(RETINA, work, tiny_options("retinanet", synthetic_root, **{"train_cfg.max_epochs": 3,
-                                                                                "train_cfg.val_interval": 3}))
+                                                                                "train_cfg.val_interval": 3}),
+                    allow_config_change=True)  # a longer schedule: an explicit config change
     last = torch.load(osp.join(work, "epoch_3.pth"), map_location="cpu", weights_only=False)
     assert last["optimizer"]["agvm"]["t"] == 6  # 4 steps before the restart + 2 after it
     assert last["meta"]["epoch"] == 3

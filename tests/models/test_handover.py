@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+from agvm.mm.checkpoint import RefusedCheckpoint
 from models.handover import (HandoverError, convert_file, load_state_dict, o365_to_coco, pretrain_to_detector,
                              save_checkpoint)
 
@@ -95,17 +96,28 @@ def test_o365_to_coco_errors_and_mask_branch() -> None:
         o365_to_coco(sd, target)
 
 
+class _Boom:
+    def __reduce__(self):
+        return (os.system, ("echo SHOULD-NOT-RUN > boom.txt",))
+
+
 def test_files_are_written_atomically_and_load_back(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
     src = tmp_path / "pre.pth"
     torch.save({"model": {"module." + k: v for k, v in _pretrain_sd().items()}}, src)
     dst = tmp_path / "out" / "init.pth"
     rep = convert_file("pretrain-to-det", str(src), str(dst))
-    assert sorted(os.listdir(dst.parent)) == ["init.pth"]  # no temporary file left
-    ck = torch.load(dst, weights_only=False)
+    assert sorted(os.listdir(dst.parent)) == ["init.pth", "init.pth.sha256"]  # no temporary file left
+    ck = torch.load(dst, weights_only=True)
     assert sorted(ck["state_dict"]) == rep.kept and ck["meta"]["handover"]["dropped"] == rep.dropped
     assert sorted(load_state_dict(str(dst))) == rep.kept
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_state_dict(str(tmp_path / "missing.pth"))
+    planted = tmp_path / "planted.pth"  # unpickling it would run code: refused, never run
+    torch.save({"model": _pretrain_sd(), "x": _Boom()}, planted)
+    with pytest.raises(RefusedCheckpoint, match="refused.*--unsafe-load"):
+        convert_file("pretrain-to-det", str(planted), str(tmp_path / "x.pth"))
+    assert not (tmp_path / "boom.txt").exists()
     with pytest.raises(ValueError, match="unknown hand-over"):
         convert_file("coco-to-lvis", str(src), str(dst))
 
@@ -118,7 +130,7 @@ def test_files_are_written_atomically_and_load_back(tmp_path, monkeypatch) -> No
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(RuntimeError, match="disk full"):
         save_checkpoint({"a": torch.zeros(1)}, str(dst), rep)
-    assert dst.read_bytes() == before and sorted(os.listdir(dst.parent)) == ["init.pth"]
+    assert dst.read_bytes() == before and sorted(os.listdir(dst.parent)) == ["init.pth", "init.pth.sha256"]
 
 
 def _no_bn_counters(keys) -> set:
@@ -172,3 +184,13 @@ def test_handover_between_real_tiny_models(tmp_path) -> None:
     torch.save({"state_dict": o_sd, "meta": {}}, src)
     rep3 = convert_file("o365-to-coco", str(src), str(tmp_path / "coco_init.pth"), target_config=TINY)
     assert rep3.kept == rep2.kept and rep3.new == rep2.new
+    # load_from's strict load (agvm.mm.checkpoint) accepts exactly the parts the file marks fresh as missing
+    from agvm.mm.checkpoint import CheckpointError, load_into_model, read
+
+    init = read(tmp_path / "coco_init.pth")
+    fresh_model = MODELS.build(cfg.model)
+    load_into_model(fresh_model, init["state_dict"], fresh=init["meta"]["handover"]["fresh"])
+    assert torch.equal(fresh_model.roi_head.bbox_head[2].fc_reg.weight, o365.roi_head.bbox_head[2].fc_reg.weight)
+    with pytest.raises(CheckpointError, match="missing keys"):
+        load_into_model(fresh_model, {k: v for k, v in init["state_dict"].items() if not k.startswith("neck.")},
+                        fresh=init["meta"]["handover"]["fresh"])
