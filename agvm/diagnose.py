@@ -38,14 +38,14 @@ import torch
 from .param_groups import param_groups
 from .variance import Modulator, module_stats, phi_from_stats
 
-__all__ = ["GradientSums", "Diagnosis", "diagnose", "measure_phi", "PAPER_BATCHES"]
+__all__ = ["GradientSums", "Diagnosis", "diagnose", "measure_phi", "module_params", "PAPER_BATCHES"]
 
 logger = logging.getLogger("agvm")
 
 PAPER_BATCHES = (32, 256, 512, 1024)  # the batch sizes of the appendix's Table 1 / Fig. 1-3
 
 
-def _module_params(model: torch.nn.Module, modules=None) -> Tuple[List[str], List[torch.Tensor], List[int]]:
+def module_params(model: torch.nn.Module, modules=None) -> Tuple[List[str], List[torch.Tensor], List[int]]:
     """(module names, trainable parameters, owner index per parameter) as ``agvm.param_groups`` forms them."""
     names: List[str] = []
     params: List[torch.Tensor] = []
@@ -68,7 +68,7 @@ class GradientSums:
     """
 
     def __init__(self, model: torch.nn.Module, modules=None):
-        self.modules, self.params, owners = _module_params(model, modules)
+        self.modules, self.params, owners = module_params(model, modules)
         device = self.params[0].device
         self.owners = torch.tensor(owners, dtype=torch.long, device=device)
         self.grad_sum = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
@@ -151,6 +151,13 @@ class Diagnosis:
         self.anchor = anchor
         self.no_gradient = list(no_gradient)  # modules whose per-image gradients were all zero (not diagnosed)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Diagnosis":
+        """The diagnosis back from ``to_dict()`` (a diagnosis.json)."""
+        mods = list(d["modules"])
+        return cls(mods, [d["modules"][m]["signal"] for m in mods], [d["modules"][m]["noise"] for m in mods],
+                   d["num_images"], d["anchor"], d.get("no_gradient", ()))
+
     @property
     def nsr(self) -> Dict[str, float]:
         """s2 / |mu|^2 per module (inf where |mu|^2 <= 0)."""
@@ -205,6 +212,17 @@ class Diagnosis:
                 b = 2.0 * na * ni * (r - 1.0) / (na - r * ni)
             best = min(best, b)
         return best
+
+    def nsr_for_ratio(self, factor: float, batch: float) -> float:
+        """The NSR a module would need for Phi_anchor / Phi_module to be ``factor`` at ``batch``, given the anchor's
+        NSR (solves NSR_a (b + 2 NSR_i) = factor NSR_i (b + 2 NSR_a) for NSR_i); less noisy modules reach more."""
+        if not factor > 0 or not batch > 0:
+            raise ValueError(f"factor and batch must be > 0, got {factor}, {batch}")
+        na = self.nsr[self.anchor]
+        if math.isinf(na):
+            return batch / (2.0 * (factor - 1.0)) if factor > 1 else math.inf  # Phi_a = 1: ratio = 1 + b / (2 NSR_i)
+        denom = factor * (batch + 2.0 * na) - 2.0 * na
+        return na * batch / denom if denom > 0 else math.inf  # factor <= Phi_anchor: any NSR is close enough
 
     def to_dict(self, batches: Sequence[float] = PAPER_BATCHES, factors: Sequence[float] = (2.0, 4.0)) -> dict:
         """JSON-ready summary (inf -> None): per module signal, noise, NSR, and Phi / ratio / mu at ``batches``."""
@@ -295,7 +313,7 @@ def measure_phi(model: torch.nn.Module, loss_a: Callable[[], torch.Tensor], loss
                 modules=None) -> Dict[str, float]:
     """Phi_i = 1 - cos(G_a, G_b) measured directly: ``loss_a`` / ``loss_b`` are the mean losses of two disjoint
     halves of a batch (what AGVM measures in training; ``agvm.variance.module_stats``)."""
-    names, params, ids = _module_params(model, modules)
+    names, params, ids = module_params(model, modules)
     halves = []
     for loss in (loss_a, loss_b):
         model.zero_grad(set_to_none=True)

@@ -1,6 +1,7 @@
 """agvm.diagnose: the running sums against the Gram matrix, the law against measured 1 - cos, the closed forms, DDP."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import statistics
@@ -116,6 +117,8 @@ def test_batch_at_ratio_is_where_the_largest_ratio_crosses():
     assert 1 / d.ratio(400.0)["head"] == pytest.approx(2.0, rel=1e-9)
     assert d.batch_at_ratio(4.0) == pytest.approx(100.0)  # the head's limit is exactly 4: never beyond
     assert math.isinf(d.batch_at_ratio(20.0))
+    need = d.nsr_for_ratio(4.0, 512)  # a module this noisy would be 4x below the backbone at 512
+    assert _made([100.0, need, 400.0]).ratio(512)["neck"] == pytest.approx(4.0, rel=1e-9)
     with pytest.raises(ValueError, match="factor must be > 1"):
         d.batch_at_ratio(1.0)
 
@@ -128,6 +131,8 @@ def test_unresolved_signal_means_noise_dominated():
     assert d.batch_at_ratio(4.0, module="head") == pytest.approx(600.0)
     assert 1 / d.ratio(600.0)["head"] == pytest.approx(4.0)
     out = d.to_dict()
+    back = Diagnosis.from_dict(json.loads(json.dumps(out)))
+    assert back.phi(77.0) == d.phi(77.0) and back.anchor == d.anchor
     assert out["modules"]["head"]["nsr"] is None and out["modules"]["neck"]["nsr"] == pytest.approx(10.0)
     assert out["misaligned_at"]["2x"] == pytest.approx(d.batch_at_ratio(2.0))
 
