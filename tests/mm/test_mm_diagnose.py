@@ -88,7 +88,7 @@ def test_diagnosis_of_two_images_is_their_gradients(synthetic_root, tmp_path):
 def test_cli_with_validation(synthetic_root, tmp_path, capsys):
     from agvm.mm.diagnose import main
 
-    opts = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in _options(synthetic_root).items()
+    opts = [f"{k}={v if isinstance(v, str) else repr(v)}" for k, v in _options(synthetic_root).items()
             if k not in ("param_scheduler", "synthetic_stream")]
     opts.append("synthetic_stream.length=64")
     assert main([FASTER, "--images", "4", "--validate", "2,4", "--repeats", "2", "--out", str(tmp_path),

@@ -25,22 +25,20 @@ def test_demo_smallest(tmp_path, capsys, monkeypatch):
     threads = torch.get_num_threads()
     try:
         rc = demo.main(["--out", str(out), "--work-dir", str(work), "--num-val", "4", "--images", "8",
-                        "--small-batch", "2", "--large-batch", "4", "--seeds", "2", "--diag-images", "3",
+                        "--small-batch", "2", "--large-batch", "4", "--seeds", "1", "--diag-images", "3",
                         "--checkpoints", "2", "--validate", "2,4", "--repeats", "1", "--jobs", "1"])
     finally:
         torch.set_num_threads(threads)  # the demo's worker sets one thread
     assert rc == 0
     s = json.loads((out / "summary.json").read_text())
     assert [(r["setting"], r["seed"]) for r in s["runs"]] == [
-        ("sgd_small", 0), ("sgd_large", 0), ("agvm_large", 0), ("sgd_small", 1), ("sgd_large", 1), ("agvm_large", 1),
-        ("sgd_large_no_fpn", 0)]
+        ("sgd_small", 0), ("sgd_large", 0), ("agvm_large", 0), ("sgd_large_no_fpn", 0)]
     for r in s["runs"]:
         assert (work / r["name"] / "metrics.json").is_file() and r["batch"] in (2, 4) and r["iterations"] in (4, 2)
         assert r["ap"] == pytest.approx(100 * json.loads((work / r["name"] / "metrics.json").read_text())
                                         ["coco/bbox_mAP"])
     t = s["table"]["agvm_large"]
-    aps = [r["ap"] for r in s["runs"] if r["setting"] == "agvm_large"]
-    assert t["ap"]["n"] == 2 and t["ap"]["mean"] == pytest.approx(sum(aps) / 2) and t["optimizer"] == "AGVM-SGD"
+    assert t["ap"]["n"] == 1 and t["ap"]["mean"] == pytest.approx(s["runs"][2]["ap"]) and t["optimizer"] == "AGVM-SGD"
     assert list(s["modules"]) == ["backbone", "neck", "rpn_head", "bbox_head"]
     for m, v in s["modules"].items():
         assert v["nsr"] is None or v["nsr"] >= 0
