@@ -132,3 +132,26 @@ def test_ddp_two_ranks_equal_one_process(synthetic_root, tmp_path):
             assert signal == pytest.approx(ref["modules"][m]["signal"], rel=1e-4, abs=1e-9)
             assert noise == pytest.approx(ref["modules"][m]["noise"], rel=1e-4)
     assert np.isfinite([ref["modules"][m]["noise"] for m in ref["modules"]]).all()
+
+
+@pytest.mark.slow
+def test_fig1_4_entry_point_diagnoses_before_and_after(synthetic_root, tmp_path):
+    """slurm.entry_points:train_with_diagnosis (experiments/fig1_4_variance): the initial weights and the final
+    checkpoint are diagnosed next to the run's variance log; a second call (a requeue) keeps both."""
+    from agvm.mm.runner import latest_checkpoint
+    from results.figures import load_variance_log
+    from slurm.entry_points import train_with_diagnosis
+
+    work = tmp_path / "run"
+    opts = _options(synthetic_root, **{"train_dataloader.batch_size": 2})
+    opts["synthetic_stream"] = dict(length=4, seed=5)  # 2 epochs of 2 steps
+    metrics = train_with_diagnosis(FASTER, str(work), opts, images=2)
+    assert "coco/bbox_mAP" in metrics
+    init = json.loads((work / "diagnosis_init" / "diagnosis.json").read_text())
+    final = json.loads((work / "diagnosis_final" / "diagnosis.json").read_text())
+    assert init["checkpoint"] is None and final["checkpoint"] == latest_checkpoint(str(work))
+    assert 2 in final["batches"] and set(final["modules"]) == {"backbone", "neck", "rpn_head", "bbox_head"}
+    stamp = (work / "diagnosis_final" / "diagnosis.json").stat().st_mtime
+    train_with_diagnosis(FASTER, str(work), opts, images=2)
+    assert (work / "diagnosis_final" / "diagnosis.json").stat().st_mtime == stamp
+    assert set(load_variance_log(work).predicted) == {"diagnosis_init", "diagnosis_final"}
