@@ -255,7 +255,7 @@ def main(argv=None) -> int:
     try:
         batches = [int(v) for v in a.validate.split(",") if v.strip()]
     except ValueError:
-        p.error(f"--validate takes comma-separated batch sizes, e.g. 8,32; got {a.validate!r}")
+        raise ValueError(f"--validate takes comma-separated batch sizes, e.g. 8,32; got {a.validate!r}") from None
     run(a.config, a.images, a.checkpoint, a.out, parse_cfg_options(a.cfg_options), batches, a.repeats, a.seed, a.anchor,
         a.launcher, a.unsafe_load)
     return 0
