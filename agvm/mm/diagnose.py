@@ -185,8 +185,13 @@ def run(config: str, images: int, checkpoint: Optional[str] = None, out: Optiona
     mine = order[:images][rank::world]
     _say(f"{config}: per-image gradients of {images} images ({len(mine)} on each of {world} rank(s)) at "
          f"{'the weights of ' + checkpoint if checkpoint else 'initialisation'}")
-    d = diagnose(model, lambda i: _loss(model, collate([dataset[i]])), mine, modules=modules, anchor=anchor,
-                 total=len(mine), progress=_say)
+    def image_loss(i: int) -> torch.Tensor:
+        from mmengine.runner import set_random_seed
+
+        set_random_seed(seed * 1_000_003 + i)  # the same flips and RoI samples on any number of ranks
+        return _loss(model, collate([dataset[i]]))
+
+    d = diagnose(model, image_loss, mine, modules=modules, anchor=anchor, total=len(mine), progress=_say)
     measured = validate(model, dataset, collate, order[images:], validate_batches, repeats, modules) \
         if validate_batches else {}
     errors = prediction_errors(d, measured)
