@@ -22,7 +22,7 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -32,6 +32,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 LOG_NAME = "agvm_variance.jsonl"
+PREDICTIONS = {"diagnosis_init": ":", "diagnosis_final": "--"}  # agvm.mm.diagnose outputs in a run dir: line style
 REQUIRED = {"iter": int, "phi": dict}
 # Readable names for the module groups the logs use (agvm.param_groups' names and mmdet attribute names).
 MODULE_LABELS = {"backbone": "Backbone", "neck": "FPN", "fpn": "FPN", "rpn_head": "RPN", "rpn": "RPN",
@@ -54,6 +55,7 @@ class VarianceLog:
 
     label: str
     records: List[dict]
+    predicted: Dict[str, Dict[str, float]] = field(default_factory=dict)  # diagnosis -> {module: Phi at batch_size}
 
     @property
     def modules(self) -> List[str]:
@@ -123,6 +125,12 @@ def load_variance_log(path: str | Path, label: Optional[str] = None) -> Variance
     log = VarianceLog(label or "", records)
     if not label:
         log.label = default_label(log, path.parent.name)
+    for name in PREDICTIONS:  # the run's variance diagnoses (slurm.entry_points:train_with_diagnosis), if any
+        diag = path.parent / name / "diagnosis.json"
+        if diag.is_file() and log.batch_size:
+            from agvm.diagnose import Diagnosis
+
+            log.predicted[name] = Diagnosis.from_dict(json.loads(diag.read_text())).phi(log.batch_size)
     return log
 
 
@@ -190,7 +198,13 @@ def _plot(logs: Sequence[VarianceLog], key: str, out: Path, title: str, ylabel: 
             ax.plot(xs, _smooth(ys, smooth), label=MODULE_LABELS.get(m, m), color=colors[m], lw=1.4,
                     marker="o" if len(xs) < 15 else None, ms=3)
             plotted = True
-        ax.set_title(log.label, fontsize=11)
+            for name, phi in log.predicted.items() if key == "phi" else ():
+                if phi.get(m, 0) > 0:  # predicted at the run's batch from the initial / final weights
+                    ax.axhline(phi[m], color=colors[m], ls=PREDICTIONS[name], lw=1.0)
+        title_ = log.label
+        if key == "phi" and log.predicted:
+            title_ += "\n(" + ", ".join(f"'{PREDICTIONS[n]}' predicted, {n.split('_')[1]} weights" for n in log.predicted) + ")"
+        ax.set_title(title_, fontsize=11 if title_ == log.label else 8)
         ax.set_xlabel("iteration")
         ax.set_ylabel(ylabel)
         if log_y and plotted:

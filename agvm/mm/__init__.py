@@ -15,6 +15,7 @@ PARAM_SCHEDULERS              ExpWarmupLR                          exponential w
 MODEL_WRAPPERS                AGVMTwoHalves                        one-process two-micro-batch train_step
 HOOKS                         AGVMHook                             DDP hook + Phi/mu logging
 HOOKS                         DivergenceHook                       stops a run whose loss turns NaN / Inf
+DATASETS                      SyntheticStream                      fresh generated training images
 RUNNERS                       AGVMRunner                           atomic checkpoints, model wrapping
 ============================  ===================================  =====================================
 
@@ -38,7 +39,7 @@ def register_all() -> None:
     from . import panoptic
 
     panoptic.install()
-    from mmengine.registry import (HOOKS, MODEL_WRAPPERS, OPTIM_WRAPPER_CONSTRUCTORS, OPTIM_WRAPPERS, OPTIMIZERS,
+    from mmengine.registry import (DATASETS, HOOKS, MODEL_WRAPPERS, OPTIM_WRAPPER_CONSTRUCTORS, OPTIM_WRAPPERS, OPTIMIZERS,
                                    PARAM_SCHEDULERS, RUNNERS)
     from timm.optim import Lamb, Lars
 
@@ -49,6 +50,7 @@ def register_all() -> None:
                         ClipWindowOptimWrapper)
     from .runner import AGVMRunner
     from .schedulers import ExpWarmupLR, ExpWarmupParamScheduler
+    from .synthetic import SyntheticStream
 
     for name, cls in (("AGVMSGD", agvm.AGVMSGD), ("AGVMAdamW", agvm.AGVMAdamW), ("PMDLAMB", agvm.PMDLAMB),
                       ("Lars", Lars), ("Lamb", Lamb)):
@@ -69,4 +71,5 @@ def register_all() -> None:
     from .amp import patch_mmcv_bf16
 
     patch_mmcv_bf16()  # bf16 autocast through mmcv's RoIAlign / nms (float32 detours)
+    DATASETS.register_module(module=SyntheticStream, force=True)
     _DONE = True

@@ -28,7 +28,7 @@ from agvm.fileio import write_json_atomic
 from .panoptic import id2rgb
 
 __all__ = ["THING_CLASSES", "STUFF_CLASSES", "SEG_CLASSES", "make_coco", "make_ade", "make_all", "ensure",
-           "apply_synthetic", "default_root"]
+           "apply_synthetic", "default_root", "SyntheticStream", "use_stream"]
 
 THING_CLASSES = ("rectangle", "ellipse", "triangle")
 STUFF_CLASSES = ("sky", "ground")
@@ -323,6 +323,69 @@ def apply_synthetic(cfg, root: Optional[str] = None, image_size: int = 96) -> No
             m.panoptic_fusion_head.num_stuff_classes = len(STUFF_CLASSES)
     cfg.dataset = "synthetic"
     cfg.synthetic_root = root
+    if cfg.get("synthetic_stream"):  # e.g. synthetic_stream=dict(length=3200, seed=1): train on a fresh stream
+        use_stream(cfg, image_size=image_size, **cfg.synthetic_stream)
+
+
+# ------------------------------------------------------------------------------------------------------
+# A fresh image stream: training images generated in memory, none seen twice
+# ------------------------------------------------------------------------------------------------------
+class SyntheticStream:
+    """``length`` training images generated in memory: image ``k`` is the scene of ``default_rng([seed, k])``
+    (the on-disk sets use integer seeds, so none of their images), with its boxes. A run that reads each index
+    once (one epoch) never sees an image twice, so it cannot memorise its training data. ``pipeline`` is the
+    config's train pipeline with the file-loading step replaced by ``LoadImageFromNDArray`` (``use_stream``)."""
+
+    def __init__(self, length: int, pipeline, image_size: int = 96, seed: int = 0):
+        from mmengine.dataset import Compose
+
+        if length < 1:
+            raise ValueError(f"SyntheticStream: length must be >= 1, got {length}")
+        _check(1, 1, image_size)
+        self.length, self.image_size, self.seed = int(length), int(image_size), int(seed)
+        self.pipeline = Compose(pipeline)
+        self.metainfo = dict(classes=THING_CLASSES)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def get_data_info(self, idx: int) -> dict:
+        """Size and id of image ``idx`` (what mmdet's aspect-ratio batch sampler reads; every image is square)."""
+        return {"img_id": idx, "height": self.image_size, "width": self.image_size}
+
+    def __getitem__(self, idx: int):
+        if not 0 <= idx < self.length:
+            raise IndexError(f"SyntheticStream index {idx} out of range [0, {self.length})")
+        rgb, _, things = _scene(np.random.default_rng([self.seed, idx]), self.image_size)
+        instances = []
+        for cls, mask in things:
+            x, y, w, h = _bbox(mask)
+            instances.append({"bbox": [x, y, x + w, y + h], "bbox_label": cls, "ignore_flag": 0})
+        info = {"img": np.ascontiguousarray(rgb[..., ::-1]), "img_id": idx, "height": self.image_size,
+                "width": self.image_size, "instances": instances}  # BGR, as LoadImageFromFile reads it
+        return self.pipeline(info)
+
+
+def use_stream(cfg, length: int, seed: int = 0, image_size: int = 96) -> None:
+    """Make ``cfg``'s training set a ``SyntheticStream`` of ``length`` images (validation stays on disk).
+    Boxes only: a train pipeline that loads masks or segmentation maps is refused."""
+    loader = cfg.train_dataloader
+    ds = loader.dataset
+    if ds.get("type") == "SyntheticStream":  # already a stream (a dumped config): new length / seed
+        ds.update(length=int(length), seed=int(seed), image_size=int(image_size))
+        return
+    pipeline = [dict(step) for step in ds.get("pipeline") or []]
+    files = [k for k, step in enumerate(pipeline) if str(step.get("type", "")).split(".")[-1] == "LoadImageFromFile"]
+    if "pipeline" not in ds or not files:
+        raise ValueError("synthetic_stream needs train_dataloader.dataset with a pipeline that starts by "
+                         f"LoadImageFromFile; got dataset type {ds.get('type')!r}")
+    for step in pipeline:
+        if "LoadAnnotations" in str(step.get("type")) and (step.get("with_mask") or step.get("with_seg")):
+            raise ValueError("synthetic_stream generates boxes only; this config's train pipeline loads masks or "
+                             "segmentation maps (use the on-disk synthetic data: drop synthetic_stream)")
+    pipeline[files[0]] = dict(type="LoadImageFromNDArray")
+    loader.dataset = dict(type="SyntheticStream", length=int(length), seed=int(seed), image_size=int(image_size),
+                          pipeline=pipeline)
 
 
 def main(argv=None) -> None:

@@ -90,6 +90,10 @@ def _cases(tmp):
         ("submit: bad experiment", "slurm.submit", [str(tmp / "exp"), "--dry-run"], "needs 'name' and 'config'"),
         ("submit: no SLURM here", "slurm.submit", [str(ROOT / "experiments" / "smoke")], "no SLURM on this machine"),
         ("status: missing experiment", "slurm.status", [str(tmp / "no_exp")], "no_exp"),
+        ("diagnose: missing config", "agvm.mm.diagnose", [str(tmp / "nope.py"), "--images", "8"], "config file not found"),
+        ("diagnose: one image", "agvm.mm.diagnose", [RETINA, "--images", "1"], "--images must be >= 2"),
+        ("diagnose: bad --validate", "agvm.mm.diagnose", [RETINA, "--images", "8", "--validate", "8,x"], "comma-separated"),
+        ("diagnose: no dataset", "agvm.mm.diagnose", [RETINA, "--images", "8"], "AGVM_COCO_ROOT"),
         ("tables: broken numbers file", "results.collect",
          ["--work-dirs", str(tmp), "--out", str(tmp / "t"), "--numbers", str(tmp / "bad_numbers.yaml")], "bad_numbers"),
     ]

@@ -15,11 +15,5 @@ def synthetic_root(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
+def _one_thread(one_thread):
     """The CI machine is small and shared: one intra-op thread is the fastest for these tiny models."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

@@ -1,5 +1,9 @@
-"""scripts/demo.py end to end with the smallest settings: it trains through agvm.mm.train.train and writes the report."""
+"""scripts/demo.py end to end at its smallest: trains through agvm.mm.train.train on the fresh stream, diagnoses,
+and writes summary.json, report.md and the figures from the numbers it measured."""
 import importlib.util
+import json
+import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -13,23 +17,44 @@ REPO = Path(__file__).resolve().parents[2]
 def test_demo_smallest(tmp_path, capsys, monkeypatch):
     spec = importlib.util.spec_from_file_location("agvm_demo", REPO / "scripts" / "demo.py")
     demo = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "agvm_demo", demo)  # dataclasses look the module up
+    monkeypatch.setitem(sys.modules, "agvm_demo", demo)
     spec.loader.exec_module(demo)
     import torch
 
     out, work = tmp_path / "out", tmp_path / "work"
     threads = torch.get_num_threads()
     try:
-        rc = demo.main(["--out", str(out), "--work-dir", str(work), "--num-train", "8", "--num-val", "4",
-                        "--small-batch", "2", "--large-batch", "4", "--small-epochs", "1", "--large-epochs", "2"])
+        rc = demo.main(["--out", str(out), "--work-dir", str(work), "--num-val", "4", "--images", "8",
+                        "--small-batch", "2", "--large-batch", "4", "--seeds", "1", "--diag-images", "3",
+                        "--checkpoints", "2", "--validate", "2,4", "--repeats", "1", "--jobs", "1"])
     finally:
-        torch.set_num_threads(threads)  # the demo sets one thread for the whole process
+        torch.set_num_threads(threads)  # the demo's worker sets one thread
     assert rc == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert [(r["setting"], r["seed"]) for r in s["runs"]] == [
+        ("sgd_small", 0), ("sgd_large", 0), ("agvm_large", 0), ("sgd_large_no_fpn", 0)]
+    for r in s["runs"]:
+        assert (work / r["name"] / "metrics.json").is_file() and r["batch"] in (2, 4) and r["iterations"] in (4, 2)
+        assert r["ap"] == pytest.approx(100 * json.loads((work / r["name"] / "metrics.json").read_text())
+                                        ["coco/bbox_mAP"])
+    t = s["table"]["agvm_large"]
+    assert t["ap"]["n"] == 1 and t["ap"]["mean"] == pytest.approx(s["runs"][2]["ap"]) and t["optimizer"] == "AGVM-SGD"
+    assert set(s["modules"]) == {"backbone", "neck", "rpn_head", "bbox_head"}
+    for m, v in s["modules"].items():
+        assert v["nsr"] is None or v["nsr"] >= 0
+        assert 0 <= v["phi_predicted"]["4"] <= 1 and set(v["phi_measured_direct"]) == {"2", "4"}
+    rows = s["prediction"]["direct"]["rows"]
+    assert len(rows) == 8 and s["prediction"]["direct"]["median_rel_error"] == pytest.approx(
+        statistics.median(r["rel_error"] for r in rows))
+    assert s["prediction"]["training"]["rows"], "no prediction compared with the Phi logged in training"
+    assert set(s["ablations_nsr"]) == {"FPN, 64 RoIs", "no FPN", "no FPN, 10 RoIs", "no FPN, 10 RoIs, frozen head"}
+    assert "bbox_head" not in s["ablations_nsr"]["no FPN, 10 RoIs, frozen head"]  # frozen: no gradient, no NSR
+    assert s["wall_seconds"] > 0 and "load" in s["load"]
+    assert math.isfinite(s["verdict"]["head_nsr_needed_for_4x_at_512"])
     report = (out / "report.md").read_text()
-    assert "scaled-down run on synthetic data" in report
-    assert "| SGD (2) |" in report and "| AGVM-SGD (4) |" in report
-    assert (out / "phi.png").stat().st_size > 10_000 and (out / "mu.png").stat().st_size > 10_000
-    for run in ("small_sgd", "large_sgd", "large_agvm"):
-        assert (work / run / "metrics.json").is_file() and (work / run / "agvm_variance.jsonl").is_file()
+    assert "| agvm_large | 4 | AGVM-SGD |" in report and "Median relative error of the prediction" in report
+    assert "## Verdict" in report and "no FPN, 10 RoIs, frozen head" in report
+    for fig in ("overlay.png", "diagnosis.png", "phi.png", "mu.png"):
+        assert (out / fig).stat().st_size > 10_000 and f"]({fig})" in report
     printed = capsys.readouterr().out
-    assert f"Report:  {out / 'report.md'}" in printed and "iter" in printed
+    assert f"Report:  {out / 'report.md'}" in printed and "iter" in printed and "diagnose:" in printed

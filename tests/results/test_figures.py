@@ -104,3 +104,19 @@ def test_appendix_figures_from_experiment_runs(tmp_path, capsys):
     assert names == ["fig1_phi.png", "fig3_mu.png", "fig3_phi.png", "fig4_phi.png"]
     assert "no log for retinanet_r50_bs32_sgd_measured" in capsys.readouterr().err
     assert F.main(["--appendix", str(tmp_path / "empty"), "--out", str(tmp_path / "f2")]) == 2
+
+
+def test_phi_panels_carry_the_runs_diagnoses(tmp_path):
+    """A run dir with diagnosis_final/diagnosis.json (slurm.entry_points:train_with_diagnosis): the predicted Phi
+    at the run's batch is read from it and drawn beside the measured curve."""
+    from agvm.diagnose import Diagnosis
+
+    d = _write_log(tmp_path / "run", 512, "sgd", misaligned=True, with_mu=False)
+    diag = Diagnosis(MODULES, [1.0] * 4, [300.0, 100.0, 30.0, 10.0], num_images=128)
+    (d / "diagnosis_final").mkdir()
+    (d / "diagnosis_final" / "diagnosis.json").write_text(json.dumps(diag.to_dict()))
+    log = F.load_variance_log(d)
+    assert list(log.predicted) == ["diagnosis_final"]
+    assert log.predicted["diagnosis_final"] == pytest.approx(diag.phi(512))
+    assert F.load_variance_log(_write_log(tmp_path / "plain", 32, "sgd", False, False)).predicted == {}
+    _image_ok(F.plot_phi([log], tmp_path / "phi.png"))
