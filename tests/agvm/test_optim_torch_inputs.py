@@ -20,6 +20,11 @@ def _torch_configs(optim_cls):
     pytest.importorskip("expecttest", reason="torch's test inputs need expecttest (requirements.txt)")
     from torch.testing._internal.common_optimizers import _get_optim_inputs_including_global_cliquey_kwargs, optim_db
 
+    # importing torch's test utilities calls torch.backends.disable_global_flags(), which makes every later
+    # `torch.backends.cudnn.benchmark = ...` (mmseg's Runner set-up) raise in this process: undo it
+    torch.backends.flags_frozen.__globals__["__allow_nonbracketed_mutation_flag"] = True
+    assert not torch.backends.flags_frozen()
+
     (info,) = [i for i in optim_db if i.optim_cls is optim_cls]
     inputs = _get_optim_inputs_including_global_cliquey_kwargs("cpu", torch.float32, info)
     configs = [(c.desc, c.kwargs) for c in inputs]

@@ -125,7 +125,7 @@ def test_killed_runs_resume_bit_identically(synthetic_root, tmp_path):
     ref, work = tmp_path / "ref", tmp_path / "killed"
     assert run(ref).returncode == 0
     assert re.search(r"num_workers\s*=\s*2", (ref / "tiny_faster.py").read_text())  # the run's dumped config
-    kills = [("backward:4:SIGKILL", "mid-iteration 2 (second half's backward)", None),
+    kills = [("backward:3:SIGKILL", "mid-iteration 2 (second half's backward: iteration 1 is one full-batch pass, interval 2)", None),
              ("write:2:SIGUSR2", "half of iter_3.pth written", "resuming epoch 1 at iteration 2 of 2"),
              ("val:1:SIGKILL", "evaluation after epoch 2", None)]
     for kill, what, said in kills:
