@@ -53,7 +53,7 @@ three times a plain step.
 
 AdamW (Alg. 2): each element of both halves is divided by sqrt(v_t) + eps with v_t = beta2 * v_{t-1} +
 (1 - beta2) * g_t^2 and g_t the full mean gradient as the optimizer sees it at ``step()`` (after
-GradScaler's unscale and any gradient clipping, exactly as ``AGVMAdamW``, through the same ``agvm.variance.adam_denominator_``). The hook
+GradScaler's unscale and any gradient clipping, exactly as ``AGVMAdamW``, through the same ``agvm.variance.module_stats``). The hook
 therefore keeps this rank's G_A / G_B shards (2 n / H elements per bucket, measurement steps only)
 and computes the weighted partial sums in ``stats()`` from the shard's slice of ``p.grad`` and
 ``exp_avg_sq``, with the same float32 arithmetic as the single-process optimizer.
@@ -99,7 +99,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .optim._base import AGVMMixin
 from .optim.agvm_adamw import AGVMAdamW
-from .variance import adam_denominator_, pair_stats
+from .variance import module_stats, pair_stats
 
 __all__ = ["register_hook", "TwoHalfEstimator"]
 
@@ -293,10 +293,10 @@ class TwoHalfEstimator:
         return partial.cpu()
 
     def _weighted_stats(self, pending: _Pending) -> None:
-        """AdamW's weighted sums on the kept shards, with the single-process optimizer's arithmetic."""
+        """AdamW's weighted sums on the kept shards, with the single-process optimizer's arithmetic
+        (``agvm.variance.module_stats`` on the shards' slices: one pass, no preconditioned halves written)."""
         device = pending.records[0].a.device if pending.records else torch.device("cpu")
-        rows: List[torch.Tensor] = []
-        owners: List[int] = []
+        ga, gb, grads, precond, owners = [], [], [], [], []
         state = self.optimizer.state
         for rec in pending.records:
             for p, off in rec.params:
@@ -304,15 +304,16 @@ class TwoHalfEstimator:
                     continue
                 x0, x1 = max(off, rec.lo), min(off + p.numel(), rec.hi)
                 group = self._group_of[id(p)]
-                beta2, eps = group["betas"][1], group["eps"]
                 v = state.get(p, {}).get("exp_avg_sq")
-                d = adam_denominator_(_flat(p.grad)[x0 - off: x1 - off], None if v is None else
-                                      _flat(v)[x0 - off: x1 - off], beta2, eps)
-                av = rec.a[x0 - rec.lo: x1 - rec.lo].float()
-                bv = rec.b[x0 - rec.lo: x1 - rec.lo].float()
-                rows.append(pair_stats(av / d, bv / d))
+                ga.append(rec.a[x0 - rec.lo: x1 - rec.lo])
+                gb.append(rec.b[x0 - rec.lo: x1 - rec.lo])
+                grads.append(_flat(p.grad)[x0 - off: x1 - off])
+                precond.append((None if v is None else _flat(v)[x0 - off: x1 - off], group["betas"][1], group["eps"]))
                 owners.append(self._module_of[id(p)])
-        self._accumulate(pending, rows, owners, device)
+        if pending.partial is None:
+            pending.partial = torch.zeros(self.num_modules, 3, dtype=torch.float64, device=device)
+        if owners:
+            pending.partial += module_stats(ga, gb, owners, self.num_modules, precond, grads=grads).to(device)
 
 
 def _all_gather(out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGroup, async_op: bool = False):

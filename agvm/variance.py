@@ -37,8 +37,9 @@ SMALL = 1 << 14
 Precond = Tuple[Optional[torch.Tensor], float, float]  # (exp_avg_sq or None, beta2, eps) of one parameter
 
 # Opt-in (AGVM_COMPILE_STATS=1): each segment's statistics as one torch.compile'd kernel, one pass over the
-# data with no temporaries (inductor's C++ on a CPU, Triton on CUDA). The first measurement step compiles
-# (about 40 s on a 2-core CPU; cached on disk afterwards); without a compiler it falls back to the chunks.
+# data with no temporaries (Triton on CUDA; inductor's C++ for CPU tensors the C++ kernel does not take). The first
+# measurement step compiles (about 40 s on a 2-core CPU; cached on disk afterwards); without a compiler it falls
+# back to the chunks.
 COMPILE_STATS = os.environ.get("AGVM_COMPILE_STATS", "0") == "1"
 _compiled: Dict[Tuple[bool, bool], object] = {}
 
@@ -97,8 +98,10 @@ def module_stats(
     chunk by chunk (``grads`` the whole batch's mean gradients, p.grad; never a whole-model copy): the same
     numbers as passing that gb. ``precond[k] = (exp_avg_sq, beta2, eps)`` divides both halves of tensor k
     element-wise by AdamW's sqrt(v_t) + eps (``adam_denominator_`` of ``grads[k] * inv_scale``), computed in
-    the same pass. Sums are float32 reductions on the tensors' device over chunks of ``CPU_CHUNK`` elements
-    on a CPU (whole tensors elsewhere), added up in float64.
+    the same pass. float32 CPU tensors go through one C++ kernel (``agvm.cpu_stats``: every element read once,
+    float64 sums, the same result for any thread count); the rest, or all when the kernel cannot be built, are
+    float32 reductions on the tensors' device over chunks of ``CPU_CHUNK`` elements on a CPU (whole tensors
+    elsewhere), added up in float64.
     """
     global COMPILE_STATS
     derived = gb is None
@@ -111,12 +114,22 @@ def module_stats(
             f"tensors for {len(module_ids)} parameters"
         )
     segments, small = [], {}  # segment: (key, [a, b(, g, v)]) flat; small tensors gathered per key
+    cpu = _cpu_kernel() if any(x is not None and x.device.type == "cpu" for x in ga) else None
+    entries: List[list] = []  # the C++ kernel's inputs: (a, b, g, v, beta2, w, eps) per tensor
+    entry_owners: List[int] = []
     for k, (a, b) in enumerate(zip(ga, others)):
         if a is None and b is None:
             continue
         if a is not None and b is not None and a.shape != b.shape:
             what = "p.grad" if derived else "halves"
             raise ValueError(f"{what} differ in shape at parameter {k}: {tuple(a.shape)} vs {tuple(b.shape)}")
+        if cpu is not None and a is not None and b is not None:  # the common case, without reshapes
+            g_k, (v_k, beta2, eps) = (grads[k], precond[k]) if precond is not None else (None, (None, 0.0, 0.0))
+            if all(x is None or (x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous())
+                   for x in (a, b, g_k, v_k)):
+                entries.append(_kernel_entry(a, b, g_k, v_k, beta2, eps, inv_scale, precond is not None))
+                entry_owners.append(module_ids[k])
+                continue
         ref = (a if a is not None else b).detach().reshape(-1)
         cols = [ref if x is None else x.detach().reshape(-1) for x in (a, b)]
         cols = [torch.zeros_like(ref) if x is None else c for x, c in zip((a, b), cols)]  # None: a zero gradient
@@ -125,6 +138,12 @@ def module_stats(
             v, beta2, eps = precond[k]
             cols += [None if x is None else x.detach().reshape(-1) for x in (grads[k], v)]
             key += (float(beta2), eps)
+        if cpu is not None and all(c is None or (c.device.type == "cpu" and c.dtype == torch.float32) for c in cols):
+            g_k, v_k = cols[2:] if precond is not None else (None, None)
+            entries.append(_kernel_entry(cols[0], cols[1], g_k, v_k, *(key[2:] or (0.0, 0.0)), inv_scale,
+                                         precond is not None))
+            entry_owners.append(module_ids[k])
+            continue
         if ref.numel() < SMALL and (precond is None or cols[2] is not None):
             small.setdefault(key, []).append(cols)
         else:
@@ -171,12 +190,47 @@ def module_stats(
             rows += [x.dot(y), x.dot(x), y.dot(y)]
             owners.append(key[0])
     stats = torch.zeros(num_modules, 3, dtype=torch.float64)
+    if entries:
+        a, b, g, v, beta2, w, eps = (list(c) for c in zip(*entries))
+        if precond is not None:
+            v = [x if x is not None else x_a.new_empty(0) for x, x_a in zip(v, a)]  # empty: v_{t-1} = 0
+        out = cpu.module_stats_cpu(a, b, g if precond is not None else [], v if precond is not None else [],
+                                   beta2, w, eps, derived, precond is not None)
+        stats.index_add_(0, torch.tensor(entry_owners, dtype=torch.long), out)
     if rows:
         stats.index_add_(0, torch.tensor(owners, dtype=torch.long),
                          torch.stack(rows).view(-1, 3).to("cpu", torch.float64))
     if derived:
         stats[:, 0].neg_()
     return stats
+
+
+def _kernel_entry(a, b, g, v, beta2, eps, inv_scale, precond: bool) -> list:
+    """One tensor's inputs to the C++ kernel: (a, b, g, v, beta2, w, eps); v None is v_{t-1} = 0."""
+    if not precond:
+        return [a, b, None, None, 0.0, 0.0, 0.0]
+    if g is None:  # torch's update skips the parameter: v_t = v_{t-1} (beta2 = 1, w = 0; g only needs a pointer)
+        return [a, b, a, v, 1.0, 0.0, float(eps)]
+    return [a, b, g, v, float(beta2), (1.0 - beta2) * inv_scale ** 2, float(eps)]
+
+
+def _cpu_kernel():
+    """agvm.cpu_stats' built kernel, or None (turned off, or the build failed: warned once)."""
+    global _CPU_KERNEL_WHY
+    from . import cpu_stats
+
+    if not cpu_stats.ENABLED or _CPU_KERNEL_WHY:
+        return None
+    try:
+        return cpu_stats.kernel()
+    except Exception as e:  # no compiler, no ninja, a failed build: torch's kernels from now on
+        _CPU_KERNEL_WHY = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        logger.warning("AGVM: the C++ statistics kernel could not be built (%s); measurement steps use torch's "
+                       "kernels (slower on a CPU). AGVM_CPU_STATS=0 skips the build.", _CPU_KERNEL_WHY)
+        return None
+
+
+_CPU_KERNEL_WHY = ""
 
 
 def pair_stats(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -122,7 +122,20 @@ def bench_one(title, shapes, name, device, reps, compiled):
 
     # a second torch optimizer with its own state: how much two identical fused steps differ here (memory placement)
     twin = ref_cls([{"params": ps} for ps in groups.values()], **kw, fused=True)
+    twin.step()  # its state exists from here on
+    # the least any statistics can cost: every operand read once (torch's dot, MKL), then torch's fused update.
+    # SGD reads G_a and G_b; AdamW also p.grad and v_{t-1} (its preconditioner, computed before the update).
+    pairs = [(a.view(-1), b.view(-1)) for a, b in zip(ga, gb)]
+    if name == "adamw":
+        pairs += [(p.grad.view(-1), twin.state[p]["exp_avg_sq"].view(-1)) for p in params]
+
+    def floor():
+        for a, b in pairs:
+            a.dot(b)
+        twin.step()
+
     contenders = {"torch foreach": torch_step(False), "torch fused": torch_step(True), "torch fused (2nd)": twin.step,
+                  "fused + operands read": floor,
                   "AGVM plain": agvm_step(None),
                   "AGVM measure (ga, gb)": agvm_step((ga, gb)), "AGVM measure (ga, None)": agvm_step((ga, None))}
     if compiled:  # AGVM_COMPILE_STATS=1: the statistics as one torch.compile'd kernel
