@@ -79,7 +79,9 @@ class TwoHalves:
         or None when no half A was kept. ``scale``: the loss scale the backward passes used (a GradScaler's
         ``get_scale()``): ``ga`` is returned unscaled, as ``p.grad`` will be after ``scaler.unscale_``.
         ``derive_b=True`` returns ``(ga, gb)`` with gb = 2 p.grad - ga materialised now (one more gradient-sized
-        buffer): needed when p.grad changes before the step other than by the scaler (gradient clipping)."""
+        buffer): needed when p.grad changes before the step other than by the scaler or by one common factor
+        (clipping by norm: scale ga by the same factor instead, as ``agvm.mm``'s optim wrappers do; clipping by
+        value needs derive_b)."""
         ga, self._ga = self._ga, None
         if ga is None:
             return None
@@ -115,8 +117,8 @@ def backward_two_halves(
         loss: a closure returning the whole batch's mean loss; off measurement steps it is the only pass.
             Without it both halves run on every step.
         weights: the halves' shares of the batch (n_a / n, n_b / n), summing to 1.
-    Half B is derived in the step from p.grad: to clip p.grad before the step, use ``TwoHalves`` with
-    ``pop(derive_b=True)`` (as ``agvm.mm``'s optim wrappers do when ``clip_grad`` is set).
+    Half B is derived in the step from p.grad: to clip p.grad before the step, use ``TwoHalves``, and scale
+    ``ga`` by the clipping factor (by norm) or ``pop(derive_b=True)`` (by value), as ``agvm.mm``'s wrappers do.
     """
     if len(weights) != 2 or abs(sum(weights) - 1.0) > 1e-6 or min(weights) <= 0:
         raise ValueError(f"weights must be the two halves' shares of the batch (n_a / n, n_b / n), got {weights}")

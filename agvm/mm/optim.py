@@ -178,12 +178,36 @@ class _TwoHalvesMixin(_ClipWindowMixin):
 
     def step(self, **kwargs) -> None:
         """mmengine's step (clipping, loss scaler) with ``halves`` when half A's gradient was kept."""
-        # clipping changes p.grad before the optimizer derives half B from it: then half B is materialised now
-        halves = self._two.pop(self._loss_scale(), derive_b=bool(self.clip_grad_kwargs)) \
-            if self._two is not None else None
+        # Clipping by norm scales p.grad by one factor c before the optimizer derives half B = 2 p.grad - G_A
+        # from it: G_A is scaled by the same c (see _clip_grad), so the halves are c G_A and c G_B and Phi, a
+        # cosine, is unchanged. Clipping by value is not one factor: half B is then materialised now.
+        by_value = bool(self.clip_grad_kwargs) and self.clip_func is not torch.nn.utils.clip_grad_norm_
+        halves = self._two.pop(self._loss_scale(), derive_b=by_value) if self._two is not None else None
         if halves is not None:
             kwargs["halves"] = halves
-        super().step(**kwargs)
+        self._half_a = halves[0] if halves is not None and halves[1] is None else None
+        try:
+            super().step(**kwargs)
+        finally:
+            self._half_a = None
+
+    def _clip_grad(self) -> None:
+        half_a = getattr(self, "_half_a", None)
+        if half_a is None:
+            return super()._clip_grad()
+        clip_norm = self.clip_func
+
+        def clip_and_scale_half_a(params, max_norm, **kw):
+            total = clip_norm(params, max_norm, **kw)
+            scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # torch's clip_grad_norm_ factor
+            torch._foreach_mul_([a for a in half_a if a is not None], scale)
+            return total
+
+        self.clip_func = clip_and_scale_half_a
+        try:
+            super()._clip_grad()
+        finally:
+            self.clip_func = clip_norm
 
 
 class ClipWindowOptimWrapper(_ClipWindowMixin, OptimWrapper):

@@ -84,7 +84,11 @@ def _core_reference(model, batches, lr, interval, accum=1, clip=None):
         for p, a, b_ in zip(params, ga, gb):
             p.grad = a * n_a / n + b_ * (n - n_a) / n
         if clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, clip)
+            clip_type, value = clip
+            if clip_type == "norm":
+                torch.nn.utils.clip_grad_norm_(params, value)
+            else:
+                torch.nn.utils.clip_grad_value_(params, value)
         opt.step(halves=(ga, gb))
         model.zero_grad(set_to_none=True)
     return opt
@@ -123,23 +127,37 @@ def test_two_half_step_matches_core(accum, n, two_passes):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
 
 
-def test_clipping_acts_on_full_gradient_not_on_phi():
+@pytest.mark.parametrize("clip_type, value", [("norm", 0.01), ("value", 1e-4)])
+def test_clipping_acts_on_full_gradient_not_on_phi(clip_type, value):
+    """Phi is measured on the unclipped halves (up to one common factor for clipping by norm, where half B stays
+    derived from p.grad: no gradient-sized copy); clipping by value, not one factor, hands over half B."""
     from agvm.mm.optim import AGVMTwoHalves
 
     Tiny = _model_cls()
     model_a, model_b = Tiny(), Tiny()
-    model_b.load_state_dict(model_a.state_dict())
+    model_start = copy.deepcopy(model_a.state_dict())
+    model_b.load_state_dict(model_start)
     batches = [_batch(i) for i in range(2)]
     ow = _build(model_a, dict(type="AGVMSGD", lr=0.1, momentum=0.9, weight_decay=1e-4, interval=1),
-                type="AGVMOptimWrapper", clip_grad=dict(max_norm=0.01))
+                type="AGVMOptimWrapper", clip_grad=dict(type=clip_type, **{
+                    "max_norm" if clip_type == "norm" else "clip_value": value}))
+    handed = []
+    step = ow.optimizer.step
+    ow.optimizer.step = lambda **kw: (handed.append(kw["halves"][1] is None), step(**kw))[1]
     wrapped = AGVMTwoHalves(model_a).train()
     for b in batches:
         wrapped.train_step(b, ow)
-    ref = _core_reference(model_b.train(), batches, lr=0.1, interval=1, clip=0.01)
+    assert handed == [clip_type == "norm"] * 2
+    ref = _core_reference(model_b.train(), batches, lr=0.1, interval=1, clip=(clip_type, value))
     for m in ref.variance:
         assert ow.optimizer.variance[m] == pytest.approx(ref.variance[m], rel=1e-5, abs=1e-9)
     for pa, pb in zip(model_a.parameters(), model_b.parameters()):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+    model_c = Tiny()  # clipping took effect: without it the weights end elsewhere
+    model_c.load_state_dict(model_start)
+    _core_reference(model_c.train(), batches, lr=0.1, interval=1)
+    assert any(not torch.allclose(pa, pc, rtol=1e-4, atol=1e-6) for pa, pc in zip(model_a.parameters(),
+                                                                                 model_c.parameters()))
 
 
 def test_clip_window_only_clips_inside_window():
