@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import sys
 from pathlib import Path
+
 import torch
 
 ENABLED = os.environ.get("AGVM_CPU_STATS", "1") != "0"
@@ -25,6 +28,9 @@ def kernel():
     if _module is None:
         from torch.utils.cpp_extension import load
 
+        bindir = os.path.dirname(sys.executable)  # pip's ninja lives beside the interpreter of a virtual env
+        if shutil.which("ninja") is None and shutil.which("ninja", path=bindir):
+            os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
         capability = torch.backends.cpu.get_cpu_capability()
         logging.getLogger("agvm").info("AGVM: loading the C++ statistics kernel (the first build takes about a minute)")
         flags = ["-O3", "-fopenmp-simd", "-fno-math-errno"] + (["-mavx2", "-mfma"] if capability in ("AVX2", "AVX512") else [])
