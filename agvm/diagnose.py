@@ -35,7 +35,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .param_groups import param_groups
+from .grouping import param_groups
 from .variance import Modulator, module_stats, phi_from_stats
 
 __all__ = ["GradientSums", "Diagnosis", "diagnose", "measure_phi", "module_params", "PAPER_BATCHES"]

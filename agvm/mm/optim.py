@@ -32,7 +32,7 @@ from torch import nn
 
 import agvm
 from agvm.optim._base import AGVMMixin
-from agvm.param_groups import freeze_modules, module_map
+from agvm.grouping import freeze_modules, module_map
 
 __all__ = ["AGVMOptimWrapperConstructor", "AGVMOptimWrapper", "AGVMAmpOptimWrapper", "AGVMTwoHalves",
            "ClipWindowOptimWrapper", "split_batch", "is_agvm"]
