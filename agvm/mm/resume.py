@@ -9,6 +9,8 @@
 - ``AGVMEpochBasedTrainLoop``: mmengine's EpochBasedTrainLoop that, resumed from an iteration checkpoint in the
   middle of an epoch, continues at the next iteration of that epoch (the finished batches are skipped by index,
   without loading them) instead of replaying the whole epoch.
+- ``AGVMIterBasedTrainLoop``: mmengine's IterBasedTrainLoop that, resumed with an ``InfiniteSampler`` (mmseg's
+  iteration-based configs), skips the trained batches by index instead of loading every one of them.
 - ``RNGIsolationHook``: validation inside training does not move the training generators (a run killed during
   evaluation and resumed from the checkpoint before it continues exactly like the uninterrupted run).
 """
@@ -20,12 +22,14 @@ import numpy as np
 import torch
 from mmengine.dist import get_rank
 from mmengine.hooks import Hook
-from mmengine.runner import EpochBasedTrainLoop
+from mmengine.dataset import InfiniteSampler
+from mmengine.runner import EpochBasedTrainLoop, IterBasedTrainLoop
+from mmengine.runner.loops import _InfiniteDataloaderIterator
 from torch.utils.data import DataLoader
 
 from .checkpoint import rng_state, set_rng_state
 
-__all__ = ["seeded_loader", "AGVMEpochBasedTrainLoop", "RNGIsolationHook"]
+__all__ = ["seeded_loader", "AGVMEpochBasedTrainLoop", "AGVMIterBasedTrainLoop", "RNGIsolationHook"]
 
 
 def sample_seed(seed: int, epoch: int, rank: int, position: int, slot: int) -> int:
@@ -113,13 +117,50 @@ class AGVMEpochBasedTrainLoop(EpochBasedTrainLoop):
             if not isinstance(batches, _SeededBatches):
                 raise RuntimeError("a mid-epoch checkpoint needs the training loader built by AGVMRunner; resume "
                                    "from an epoch checkpoint or start a new work dir")
-            self.runner.logger.warning(f"resuming epoch {self._epoch + 1} at iteration {done + 1} of {n} (the first "
-                                    f"{done} batches are skipped without loading them)")
+            if done == n:  # the checkpoint was written after the epoch's last iteration, before its end hooks
+                self.runner.logger.warning(f"resuming after the last iteration of epoch {self._epoch + 1}: its "
+                                           "end-of-epoch hooks (checkpoint, evaluation) run now")
+            else:
+                self.runner.logger.warning(f"resuming epoch {self._epoch + 1} at iteration {done + 1} of {n} (the "
+                                           f"first {done} batches are skipped without loading them)")
             batches.skip = done
         for idx, data_batch in enumerate(self.dataloader, done):
             self.run_iter(idx, data_batch)
         self.runner.call_hook("after_train_epoch")
         self._epoch += 1
+
+
+class _SkipFirst:
+    """An iterator whose first ``n`` items are None (mmengine's advance loop on resume) and then ``it``'s."""
+
+    def __init__(self, it, n: int):
+        self.it, self.n = it, n
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.n:
+            self.n -= 1
+            return None
+        return next(self.it)
+
+
+class AGVMIterBasedTrainLoop(IterBasedTrainLoop):
+    """IterBasedTrainLoop whose resume skips the trained batches by index (with an InfiniteSampler) instead of
+    loading them: the same batches follow, without reading the ones already trained."""
+
+    def run(self):
+        batches = self.dataloader.batch_sampler
+        if self._iter > 0 and isinstance(batches, _SeededBatches) and isinstance(batches.sampler, InfiniteSampler):
+            self.runner.logger.warning(f"resuming at iteration {self._iter + 1}: the first {self._iter} batches are "
+                                       "skipped by index without loading them")
+            batches.skip = self._iter
+            # an InfiniteSampler is one stream for its lifetime, already advanced by the iterator built with the
+            # loop: restart it (its order depends only on its seed) so that positions count from 0 again
+            batches.sampler.indices = batches.sampler._indices_of_rank()
+            self.dataloader_iterator = _SkipFirst(_InfiniteDataloaderIterator(self.dataloader), self._iter)
+        return super().run()
 
 
 class RNGIsolationHook(Hook):

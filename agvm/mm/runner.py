@@ -25,7 +25,7 @@ from mmengine.runner import Runner
 from . import checkpoint as ckpt
 from .hooks import AGVMHook, DivergenceHook
 from .optim import AGVM_OPTIMIZERS, AGVMTwoHalves
-from .resume import AGVMEpochBasedTrainLoop, RNGIsolationHook, seeded_loader
+from .resume import AGVMEpochBasedTrainLoop, AGVMIterBasedTrainLoop, RNGIsolationHook, seeded_loader
 
 __all__ = ["AGVMRunner", "latest_checkpoint"]
 
@@ -85,13 +85,13 @@ class AGVMRunner(Runner):
         return self._read_cache[1]
 
     def build_train_loop(self, loop):
-        """mmengine's, with the training loader seeded per sample and the epoch loop that resumes mid-epoch."""
+        """mmengine's, with the training loader seeded per sample and loops that resume without replaying batches."""
         if isinstance(loop, dict) and isinstance(self._train_dataloader, dict):
             loop = dict(loop)
             if loop.get("type") == "EpochBasedTrainLoop" or loop.pop("by_epoch", None) is True:
                 loop["type"] = AGVMEpochBasedTrainLoop
-            elif "type" not in loop:
-                loop["type"] = "IterBasedTrainLoop"
+            elif loop.get("type", "IterBasedTrainLoop") == "IterBasedTrainLoop":
+                loop["type"] = AGVMIterBasedTrainLoop
             diff_rank_seed = self._randomness_cfg.get("diff_rank_seed", False)
             loader = self.build_dataloader(self._train_dataloader, seed=self.seed, diff_rank_seed=diff_rank_seed)
             self._train_dataloader = seeded_loader(loader, self.seed)

@@ -127,7 +127,7 @@ def test_killed_runs_resume_bit_identically(synthetic_root, tmp_path):
     assert re.search(r"num_workers\s*=\s*2", (ref / "tiny_faster.py").read_text())  # the run's dumped config
     kills = [("backward:3:SIGKILL", "mid-iteration 2 (second half's backward: iteration 1 is one full-batch pass, interval 2)", None),
              ("write:2:SIGUSR2", "half of iter_3.pth written", "resuming epoch 1 at iteration 2 of 2"),
-             ("val:1:SIGKILL", "evaluation after epoch 2", None)]
+             ("val:1:SIGKILL", "evaluation after epoch 2", "resuming after the last iteration of epoch 1")]
     for kill, what, said in kills:
         p = run(work, kill)
         assert p.returncode == -getattr(signal, kill.split(":")[2]), (what, p.returncode, p.stderr[-2000:])
@@ -166,6 +166,41 @@ def test_killed_runs_resume_bit_identically(synthetic_root, tmp_path):
 class _Boom:
     def __reduce__(self):
         return (os.system, ("echo SHOULD-NOT-RUN > boom.txt",))
+
+
+@pytest.mark.slow
+def test_iteration_based_run_resumes_without_loading_the_trained_batches(synthetic_root, tmp_path):
+    """Semantic FPN (mmseg's iteration-based loop, InfiniteSampler, random crop/flip), 4 iterations, a checkpoint
+    every iteration, 2 persistent workers: killed mid-iteration 3 and resumed, it skips 2 batches by index (mmengine's
+    loop would load them) and every checkpoint and the metrics equal the uninterrupted run's."""
+    from agvm.mm.train import load_config
+
+    seg = osp.join(ROOT, "configs", "semantic_fpn", "semantic_fpn_r50_bs1024_agvm_sgd.py")
+    cfg = load_config(seg, tiny_options("semantic_fpn", synthetic_root, **{
+        "randomness": {"seed": 0}, "default_hooks.checkpoint.interval": 1, "default_hooks.checkpoint.max_keep_ckpts": -1}))
+    assert cfg.train_dataloader.sampler.type == "InfiniteSampler"
+    config = str(tmp_path / "tiny_seg.py")
+    cfg.dump(config)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+
+    def run(work, kill=None):
+        e = dict(env, AGVM_KILL=kill) if kill else env
+        cmd = [sys.executable, osp.join(HERE, "_kill_run.py"), config, "--work-dir", str(work),
+               "--cfg-options", "synthetic_image_size=64"]
+        return subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=600)
+
+    ref, work = tmp_path / "ref", tmp_path / "killed"
+    assert run(ref).returncode == 0
+    p = run(work, "backward:4:SIGKILL")  # iterations 1 and 3 one pass each, 2 two halves (interval 2): mid-iteration 3
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    assert (work / "iter_2.pth").exists() and not (work / "iter_3.pth").exists()
+    p = run(work)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = p.stdout + p.stderr
+    assert "the first 2 batches are skipped by index without loading them" in out
+    for n in range(1, 5):
+        assert _identical(_state(ref / f"iter_{n}.pth"), _state(work / f"iter_{n}.pth")), n
+    assert (ref / "metrics.json").read_text() == (work / "metrics.json").read_text()
 
 
 def test_planted_checkpoint_is_refused_not_run(synthetic_root, tmp_path, monkeypatch):
