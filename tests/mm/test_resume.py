@@ -90,6 +90,19 @@ def _identical(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _kill_runner(config):
+    """run(work_dir, kill=None): tests/mm/_kill_run.py on ``config`` (AGVM_KILL=kill arms one kill)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+
+    def run(work, kill=None):
+        e = dict(env, AGVM_KILL=kill) if kill else env
+        cmd = [sys.executable, osp.join(HERE, "_kill_run.py"), config, "--work-dir", str(work),
+               "--cfg-options", "synthetic_image_size=64"]
+        return subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=600)
+
+    return run
+
+
 # A narrow Faster R-CNN (ResNet-18 at 16 base channels, 32-channel FPN and heads): small checkpoints, quick steps.
 NARROW = {"model.backbone.base_channels": 16, "model.neck.in_channels": [16, 32, 64, 128],
           "model.neck.out_channels": 32, "model.rpn_head.in_channels": 32, "model.rpn_head.feat_channels": 32,
@@ -114,13 +127,7 @@ def test_killed_runs_resume_bit_identically(synthetic_root, tmp_path):
     assert any(t["type"] == "RandomFlip" for t in cfg.train_dataloader.dataset.pipeline)
     config = str(tmp_path / "tiny_faster.py")
     cfg.dump(config)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-
-    def run(work, kill=None):
-        e = dict(env, AGVM_KILL=kill) if kill else env
-        cmd = [sys.executable, osp.join(HERE, "_kill_run.py"), config, "--work-dir", str(work),
-               "--cfg-options", "synthetic_image_size=64"]
-        return subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=600)
+    run = _kill_runner(config)
 
     ref, work = tmp_path / "ref", tmp_path / "killed"
     assert run(ref).returncode == 0
@@ -181,13 +188,7 @@ def test_iteration_based_run_resumes_without_loading_the_trained_batches(synthet
     assert cfg.train_dataloader.sampler.type == "InfiniteSampler"
     config = str(tmp_path / "tiny_seg.py")
     cfg.dump(config)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-
-    def run(work, kill=None):
-        e = dict(env, AGVM_KILL=kill) if kill else env
-        cmd = [sys.executable, osp.join(HERE, "_kill_run.py"), config, "--work-dir", str(work),
-               "--cfg-options", "synthetic_image_size=64"]
-        return subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=600)
+    run = _kill_runner(config)
 
     ref, work = tmp_path / "ref", tmp_path / "killed"
     assert run(ref).returncode == 0
