@@ -21,7 +21,8 @@ and Q = sum_j |r_j|^2 (one running sum of the gradients and one of their squared
     d.phi(512), d.ratio(512), d.mu(512), d.batch_at_ratio(4.0), d.to_dict(), d.plot("diagnosis.png")
 
 ``diagnose(model, loss_of, images)`` runs that loop with progress lines. ``measure_phi`` measures Phi directly
-from two half-batch losses (what AGVM measures while training), to check the prediction at held-out batch
+from two half-batch losses (what AGVM measures while training); ``HalfPairs`` / ``measure_phi_pairs`` measure it
+from K halves at once, averaged over all K (K - 1) / 2 pairs of them, to check the prediction at held-out batch
 sizes. Phi and mu come from ``agvm.variance`` (``phi_from_stats`` of the expected (dot, |a|^2, |b|^2) of two
 halves; ``Modulator.target``), so the prediction uses exactly AGVM's formulas.
 """
@@ -30,6 +31,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import statistics
 import time
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -38,7 +40,8 @@ import torch
 from .grouping import param_groups
 from .variance import Modulator, module_stats, phi_from_stats
 
-__all__ = ["GradientSums", "Diagnosis", "diagnose", "measure_phi", "module_params", "PAPER_BATCHES"]
+__all__ = ["GradientSums", "Diagnosis", "diagnose", "measure_phi", "HalfPairs", "measure_phi_pairs", "module_params",
+           "PAPER_BATCHES"]
 
 logger = logging.getLogger("agvm")
 
@@ -322,3 +325,102 @@ def measure_phi(model: torch.nn.Module, loss_a: Callable[[], torch.Tensor], loss
     model.zero_grad(set_to_none=True)
     phi = phi_from_stats(module_stats(halves[0], halves[1], ids, len(names))).tolist()
     return dict(zip(names, phi))
+
+
+class HalfPairs:
+    """Phi measured directly at one batch size from K half-batch gradients, averaged over all K (K - 1) / 2 pairs.
+
+    With u_k the module-normalised gradient of half k (|u_k| = 1 per module) and U = sum_k u_k, the sum of
+    cos(g_j, g_k) over the pairs j < k is (|U|^2 - K) / 2, so the all-pairs mean
+
+        Phi = 1 - (|U|^2 - K) / (K (K - 1))
+
+    needs one running sum (one extra gradient of memory) instead of K stored gradients: 2 x repeats halves give
+    repeats x (2 repeats - 1) pairs where separate pairs gave repeats values. Its standard error is bounded by
+    that of the K // 2 disjoint pairs (halves 0-1, 2-3, ...; independent values, their sd / sqrt(K // 2)), for which
+    the first half of each pair is kept until the second arrives (one more gradient). Call ``add()`` after each
+    half's backward, the two halves of a pair one after the other; under DDP each rank adds whole pairs and
+    ``result()`` all-reduces, giving the same numbers on any number of ranks.
+    """
+
+    def __init__(self, model: torch.nn.Module, modules=None):
+        self.modules, self.params, owners = module_params(model, modules)
+        self.owner_list = owners
+        self.owners = torch.tensor(owners, dtype=torch.long, device=self.params[0].device)
+        self.unit_sum = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
+        self.halves = 0
+        self.first: Optional[List[Optional[torch.Tensor]]] = None
+        self.pair_phi: List[List[float]] = []  # Phi per module of each disjoint pair (NaN: a half had no gradient)
+        self.silent = [False] * len(self.modules)  # a module with a zero gradient in some half: no cosine
+
+    @torch.no_grad()
+    def add(self) -> None:
+        """Add the gradient now in ``p.grad`` (the mean loss of one half-batch) as the next half."""
+        grads = [None if p.grad is None else p.grad.detach().float() for p in self.params]
+        present = [k for k, g in enumerate(grads) if g is not None]
+        sq = torch.zeros(len(self.params), dtype=torch.float64, device=self.owners.device)
+        if present:
+            sq[present] = torch.stack(torch._foreach_norm([grads[k] for k in present])).to(torch.float64).square()
+        norms = torch.zeros(len(self.modules), dtype=torch.float64, device=sq.device).index_add_(0, self.owners, sq)
+        norms = norms.sqrt().tolist()
+        for k in present:
+            n = norms[self.owner_list[k]]
+            if n > 0 and math.isfinite(n):
+                self.unit_sum[k].add_(grads[k], alpha=1.0 / n)
+        for i, n in enumerate(norms):
+            if not (n > 0 and math.isfinite(n)):
+                self.silent[i] = True
+        if self.first is None:
+            self.first = [None if g is None else g.clone() for g in grads]
+        else:
+            stats = module_stats(self.first, grads, self.owner_list, len(self.modules))
+            self.pair_phi.append(phi_from_stats(stats).tolist())
+            self.first = None
+        self.halves += 1
+
+    @torch.no_grad()
+    def result(self, reduce: Optional[bool] = None) -> Dict[str, dict]:
+        """{module: {"phi": all-pairs mean, "se": standard-error bound or None, "halves": K, "pairs": K (K-1)/2}};
+        ``reduce`` (default: when torch.distributed runs more than one rank) sums the ranks' halves first."""
+        import torch.distributed as dist
+
+        if self.first is not None:
+            raise ValueError("HalfPairs got an odd number of halves: add the two halves of every pair")
+        if reduce is None:
+            reduce = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        unit_sum, halves, pair_phi, silent = self.unit_sum, self.halves, self.pair_phi, self.silent
+        if reduce:
+            flat = torch.cat([s.reshape(-1) for s in unit_sum])
+            dist.all_reduce(flat)
+            unit_sum = list(flat.split([s.numel() for s in unit_sum]))
+            unit_sum = [v.view_as(s) for v, s in zip(unit_sum, self.unit_sum)]
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, (halves, pair_phi, silent))
+            halves = sum(g[0] for g in gathered)
+            pair_phi = [row for g in gathered for row in g[1]]
+            silent = [any(g[2][i] for g in gathered) for i in range(len(self.modules))]
+        if halves < 2:
+            raise ValueError(f"Phi needs at least 2 halves (one pair), got {halves}")
+        total = module_stats(unit_sum, unit_sum, self.owner_list, len(self.modules))[:, 0].tolist()  # |U|^2
+        out = {}
+        for i, m in enumerate(self.modules):
+            if silent[i]:
+                continue
+            vals = [row[i] for row in pair_phi]
+            se = statistics.stdev(vals) / math.sqrt(len(vals)) if len(vals) > 1 else None
+            out[m] = {"phi": 1.0 - (total[i] - halves) / (halves * (halves - 1)), "se": se, "halves": halves,
+                      "pairs": halves * (halves - 1) // 2}
+        return out
+
+
+def measure_phi_pairs(model: torch.nn.Module, half_losses: Iterable[Callable[[], torch.Tensor]],
+                      modules=None) -> Dict[str, dict]:
+    """Phi at one batch size from the mean losses of K (even) disjoint half-batches, averaged over all pairs of
+    halves (``HalfPairs``; consecutive callables form the disjoint pairs of the error bound)."""
+    pairs = HalfPairs(model, modules)
+    for loss in half_losses:
+        model.zero_grad(set_to_none=True)
+        loss().backward()
+        pairs.add()
+    model.zero_grad(set_to_none=True)
+    return pairs.result()

@@ -8,13 +8,15 @@ init) on synthetic images of ``--size`` px (``agvm.mm.synthetic``), one data bat
 stay the same, so every contender does the same work). Contenders, one iteration of each per round in rotating
 order (interleaved), median over the rounds after one warm-up round:
 
-    sgd         torch SGD in mmengine's OptimWrapper, the model's own train_step: one full-batch pass
+    sgd         torch SGD (its default foreach kernels) in mmengine's OptimWrapper, the model's own train_step:
+                one full-batch pass
+    sgd_fused   the same with torch's fused SGD kernel (what AGVM-SGD uses by default)
     agvm        AGVM-SGD through AGVMTwoHalves off a measurement step: one full-batch pass (the default)
     agvm_2pass  the same with ``two_passes=True``: both halves on every step (what every step cost before)
     agvm_meas   AGVM-SGD on a measurement step: two half-batch passes, half A kept, the statistics
 
-Printed: ms per iteration, ratio to sgd, and the amortised ratio at interval tau,
-((tau - 1) * agvm + agvm_meas) / (tau * sgd).
+Printed: ms per iteration, ratios to sgd and to sgd_fused, and the amortised ratios at interval tau,
+((tau - 1) * agvm + agvm_meas) / (tau * sgd) (and / sgd_fused).
 Memory (torch's profiler memory timeline on the CPU, one iteration of each contender), in units of the model's
 trainable parameter bytes: the peak of gradient memory (what the profiler classes as gradients: p.grad and the
 kept half A), the peak of all memory during the iteration (parameters, momentum, activations, gradients,
@@ -84,6 +86,7 @@ def contenders(model, tau: int):
     register_all()
     sgd = dict(lr=0.0, momentum=0.9, weight_decay=1e-4)
     plain = build_optim_wrapper(model, dict(type="OptimWrapper", optimizer=dict(type="SGD", **sgd)))
+    fused = build_optim_wrapper(model, dict(type="OptimWrapper", optimizer=dict(type="SGD", fused=True, **sgd)))
 
     def agvm_wrapper(two_passes):
         return build_optim_wrapper(model, dict(constructor="AGVMOptimWrapperConstructor", type="AGVMOptimWrapper",
@@ -100,7 +103,8 @@ def contenders(model, tau: int):
             assert ow.optimizer.t == t + 1
         return step
 
-    return {"sgd": lambda data: model.train_step(data, plain), "agvm": agvm_step(one, 0),
+    return {"sgd": lambda data: model.train_step(data, plain), "sgd_fused": lambda data: model.train_step(data, fused),
+            "agvm": agvm_step(one, 0),
             "agvm_2pass": agvm_step(two, 0), "agvm_meas": agvm_step(one, tau - 1)}
 
 
@@ -152,12 +156,12 @@ def main(argv=None) -> int:
         model, data = build(batch, args.size, args.root)
         steps = contenders(model, args.tau)
         med = time_rounds(steps, data, args.rounds)
-        base = med["sgd"]
-        amortised = ((args.tau - 1) * med["agvm"] + med["agvm_meas"]) / (args.tau * base)
-        print(f"\nbatch {batch}, {args.size} px: ms per iteration (median), ratio to sgd")
+        base, fast = med["sgd"], med["sgd_fused"]
+        amortised = ((args.tau - 1) * med["agvm"] + med["agvm_meas"]) / args.tau
+        print(f"\nbatch {batch}, {args.size} px: ms per iteration (median), ratio to sgd, ratio to sgd_fused")
         for name, sec in med.items():
-            print(f"  {name:11s} {sec * 1e3:8.1f} ms  {sec / base:6.3f}x")
-        print(f"  amortised at tau={args.tau}: {amortised:.3f}x sgd")
+            print(f"  {name:11s} {sec * 1e3:8.1f} ms  {sec / base:6.3f}x  {sec / fast:6.3f}x")
+        print(f"  amortised at tau={args.tau}: {amortised / base:.3f}x sgd, {amortised / fast:.3f}x sgd_fused")
         if not args.no_memory:
             model_bytes = sum(q.numel() * q.element_size() for q in model.parameters() if q.requires_grad)
             print(f"  memory in model sizes ({model_bytes / 2**20:.1f} MiB of trainable parameters): "

@@ -132,7 +132,8 @@ def _init_worker(threads: int) -> None:
             it, total = runner.iter + 1, runner.max_iters
             if it % self.every and it != total:
                 return
-            loss = float(outputs["loss"]) if outputs and "loss" in outputs else float("nan")
+            loss = outputs.get("loss", float("nan")) if outputs else float("nan")
+            loss = float(loss.detach() if hasattr(loss, "detach") else loss)
             per = (time.time() - self.t0) / it
             say(f"{self.label}: iter {it}/{total}  loss {loss:.3f}  {per:.2f} s/iter  ETA {per * (total - it):.0f}s")
 
@@ -236,16 +237,19 @@ def main(argv=None) -> int:
     ap.add_argument("--num-val", type=int, default=64, help="held-out evaluation images")
     ap.add_argument("--small-batch", type=int, default=4)
     ap.add_argument("--large-batch", type=int, default=32)
-    ap.add_argument("--images", type=int, default=1536, help="training images per run (fresh: none seen twice)")
+    ap.add_argument("--images", type=int, default=960, help="training images per run (fresh: none seen twice)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--rois", type=int, default=64, help="RoIs sampled per image for the detection head (mmdet: 512)")
     ap.add_argument("--proposals", type=int, default=100, help="RPN proposals kept per image in training (mmdet: 1000)")
     ap.add_argument("--tau", type=int, default=2)
     ap.add_argument("--alpha", type=float, default=0.9)
-    ap.add_argument("--diag-images", type=int, default=48, help="per-image gradients per diagnosis")
-    ap.add_argument("--checkpoints", type=int, default=3, help="diagnosed checkpoints per SGD run (seed 0)")
+    ap.add_argument("--diag-images", type=int, default=64, help="per-image gradients per diagnosis")
+    ap.add_argument("--validate-images", type=int, default=128,
+                    help="per-image gradients of the diagnosis checked against measured Phi (the end of sgd_large)")
+    ap.add_argument("--checkpoints", type=int, default=2, help="diagnosed checkpoints per SGD run (seed 0)")
     ap.add_argument("--validate", default="4,16,32", help="batch sizes at which Phi is measured directly")
-    ap.add_argument("--repeats", type=int, default=4, help="pairs of half-batches per validation batch size")
+    ap.add_argument("--repeats", type=int, default=6, help="per validation batch size: 2 x REPEATS half-batches, "
+                    "1 - cos averaged over all their pairs")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     a = ap.parse_args(argv)
@@ -296,7 +300,7 @@ def main(argv=None) -> int:
         o.update(synthetic_stream=dict(length=n, seed=DIAG_STREAM_SEED), **extra)
         return o
 
-    needed = a.diag_images + sum(2 * (b // 2) * a.repeats for b in validate)
+    needed = a.validate_images + sum(2 * (b // 2) * a.repeats for b in validate)
     batches = sorted({*PAPER_BATCHES, a.small_batch, a.large_batch, *validate})
     tasks = []
     for r in runs:
@@ -305,7 +309,8 @@ def main(argv=None) -> int:
             for it in iters:
                 last = it == iters[-1] and r["setting"] == "sgd_large"
                 tasks.append(("diagnose", dict(
-                    kind="checkpoint", run=r["name"], iter=it, config=r["config"], images=a.diag_images,
+                    kind="checkpoint", run=r["name"], iter=it, config=r["config"],
+                    images=a.validate_images if last else a.diag_images,
                     checkpoint=str(Path(r["work_dir"]) / f"iter_{it}.pth"),
                     out=str(work / "diagnosis" / f"{r['name']}_iter{it}"),
                     options=diag_options(r, {}, needed if last else a.diag_images),
@@ -320,8 +325,8 @@ def main(argv=None) -> int:
                                        out=str(work / "diagnosis" / ("ablation_" + label.replace(", ", "_")
                                                                      .replace(" ", "_"))),
                                        options=diag_options(src, extra, a.diag_images), batches=batches)))
-    say(f"{len(tasks)} diagnoses ({a.diag_images} per-image gradients each; the last checkpoint of "
-        f"{base['name']} also measured directly at batches {validate})")
+    say(f"{len(tasks)} diagnoses ({a.diag_images} per-image gradients each; the last checkpoint of {base['name']} "
+        f"with {a.validate_images}, also measured directly at batches {validate})")
     t_diag = time.time()
     diagnosed = run_tasks(tasks, a.jobs, a.threads)
     diag_seconds = time.time() - t_diag
@@ -399,6 +404,9 @@ def write_outputs(a, out: Path, runs: List[dict], diagnosed: List[dict], validat
         "ratio_at": {str(b): dg.ratio(b) for b in (small, large, 32, 512)},
         "limit_ratio": {m: dj["modules"][m]["limit_ratio"] for m in modules},
         "misaligned_at_batch": dj["misaligned_at"],
+        "misaligned_at_batch_per_module": {
+            m: {f"{f:g}x": (lambda b: None if math.isinf(b) else b)(dg.batch_at_ratio(f, m)) for f in (2.0, 4.0)}
+            for m in modules if m != dg.anchor},
         "head_nsr_needed_for_4x_at_512": dg.nsr_for_ratio(4.0, 512),
         "head_nsr": dg.nsr[head],
     }
@@ -411,7 +419,8 @@ def write_outputs(a, out: Path, runs: List[dict], diagnosed: List[dict], validat
                   "ap50": 100 * r["metrics"].get("coco/bbox_mAP_50", float("nan")), "seconds": r["seconds"]}
                  for r in runs],
         "table": table, "modules": per_module,
-        "prediction": {"direct": {"batches": validate, "repeats": a.repeats, "rows": direct["rows"],
+        "prediction": {"direct": {"batches": validate, "repeats": a.repeats, "halves": 2 * a.repeats,
+                                  "pairs": a.repeats * (2 * a.repeats - 1), "rows": direct["rows"],
                                   "median_rel_error": direct["median_rel_error"]},
                        "training": {"rows": train_rows, "median_rel_error":
                                     statistics.median(r["rel_error"] for r in train_rows) if train_rows else None}},
@@ -470,10 +479,11 @@ def write_report(out: Path, s: dict, figs: List[str]) -> None:
     lines += [
         "## The diagnosis against measured Phi",
         "",
-        f"NSR per module from {a['diag_images']} per-image gradients at the end of sgd_large_seed0; predicted "
+        f"NSR per module from {a['validate_images']} per-image gradients at the end of sgd_large_seed0; predicted "
         "Phi_i(b) = x / (1 + x), x = 2 NSR_i / b; measured Phi = 1 - cos of two half-batches of fresh images at the "
-        f"same weights ({pd['repeats']} pairs per batch) and, separately, the Phi the SGD runs logged while training "
-        f"(geometric mean over +-10 % of the run around each diagnosed checkpoint).",
+        f"same weights, averaged over all {pd['pairs']} pairs of {pd['halves']} halves per batch (+- its standard error, "
+        "bounded by the disjoint pairs' spread), and, separately, the Phi the SGD runs logged while training "
+        "(geometric mean over +-10 % of the run around each diagnosed checkpoint).",
         "",
         "| module | NSR | " + " | ".join(f"Phi@{b} pred / meas" for b in pd["batches"]) +
         f" | Phi@{small} training (sgd_small end) | Phi@{large} training (sgd_large end) | mu@{large} predicted | mu AGVM run (end, mean of seeds) |",
@@ -483,13 +493,20 @@ def write_report(out: Path, s: dict, figs: List[str]) -> None:
         cells = []
         for b in pd["batches"]:
             row = next((r for r in pd["rows"] if r["batch"] == b and r["module"] == m), None)
-            cells.append("–" if row is None else f"{row['predicted']:.3g} / {row['measured']:.3g}")
+            se = "" if row is None or row.get("measured_se") is None else f" ± {row['measured_se']:.2g}"
+            cells.append("–" if row is None else f"{row['predicted']:.3g} / {row['measured']:.3g}{se}")
         lines.append(f"| {lab(m)} | {g3(v['nsr'])} | " + " | ".join(cells) + " | "
                      f"{g3(v['phi_measured_training'][str(small)])} | {g3(v['phi_measured_training'][str(large)])} | "
                      f"{v['mu_predicted']:.2f} | {g3(v['mu_agvm_run_final'])} |")
     med = lambda v: "–" if v is None else f"{100 * v:.0f} %"  # noqa: E731
+    above = sum(r["predicted"] > r["measured"] for r in pd["rows"])
+    within = sum(r.get("measured_se") is not None and abs(r["predicted"] - r["measured"]) <= 2 * r["measured_se"]
+                 for r in pd["rows"])
     lines += ["", f"Median relative error of the prediction: {med(pd['median_rel_error'])} against the direct "
-              f"measurements ({len(pd['rows'])} module x batch values), {med(pt['median_rel_error'])} against the "
+              f"measurements ({len(pd['rows'])} module x batch values; {above} predictions above the measurement, "
+              f"{within} within two standard errors of it; x / (1 + x) is the ratio of the expected dot product and "
+              "norms, and the mean of 1 - cos over pairs sits a little below it when the halves' norms vary), "
+              f"{med(pt['median_rel_error'])} against the "
               f"Phi logged during training ({len(pt['rows'])} values at {len({(r['run'], r['iter']) for r in pt['rows']})} "
               "checkpoints; the weights move within the window). Figures: `overlay.png`, `diagnosis.png`.", ""]
     v = s["verdict"]
@@ -506,14 +523,21 @@ def write_report(out: Path, s: dict, figs: List[str]) -> None:
         ratio = "–" if not last or nsr.get(mods[0]) is None else f"{nsr[mods[0]] / last:.2f}"
         lines.append(f"| {label} | " + " | ".join(g3(nsr.get(m)) for m in mods) + f" | {ratio} |")
     cross = v["misaligned_at_batch"]
-    fmt = lambda b: "never (at any batch)" if b is None else f"batch {b:.0f}"  # noqa: E731
+    def fmt(b):
+        if b is None:
+            return "never (at any batch)"
+        return f"every batch size (b = {b:.2g})" if b < 2 else f"batch {b:.0f}"
+
+    per = v.get("misaligned_at_batch_per_module", {})
     lines += ["", "## Verdict (numbers from the diagnosis at the end of sgd_large_seed0)", "",
               f"- Predicted ratio Phi_{v['anchor']} / Phi_module: " + "; ".join(
                   f"at {b}: " + ", ".join(f"{lab(m)} {r:.2f}" for m, r in rs.items() if m != v["anchor"])
                   for b, rs in v["ratio_at"].items()) + ".",
               f"- Limits at large batch (NSR_backbone / NSR_module): " + ", ".join(
                   f"{lab(m)} {g3(r)}" for m, r in v["limit_ratio"].items() if m != v["anchor"]) + ".",
-              f"- This model's modules would be 2x apart from {fmt(cross['2x'])} and 4x apart from {fmt(cross['4x'])}.",
+              f"- This model's modules would be 2x apart from {fmt(cross['2x'])} and 4x apart from {fmt(cross['4x'])}"
+              + (": " + "; ".join(f"{lab(m)} 2x from {fmt(c['2x'])}, 4x from {fmt(c['4x'])}" for m, c in per.items())
+                 if per else "") + ".",
               f"- The paper's Fig. 1 (detection head >= 4x below the backbone at 512) would need the head's NSR at or "
               f"below {v['head_nsr_needed_for_4x_at_512']:.3g} with this backbone; it is {g3(v['head_nsr'])}.",
               "", "## Figures", ""] + [f"![{f}]({f})" for f in figs] + [

@@ -8,8 +8,8 @@ subset of the config's train set, through its train pipeline), computes one grad
 train mode, the loss as training computes it for a batch of one) and from the per-module running sums the
 diagnosis of ``agvm.diagnose``: NSR per module, Phi_i(b), the ratios to the anchor, the batch at which they
 reach 2x and 4x, and the mu AGVM would settle at. ``--validate`` also measures Phi = 1 - cos(G_a, G_b)
-directly at those batch sizes (``--repeats`` pairs of half-batches of fresh images each, at the same weights)
-and reports the prediction's error. Under ``--launcher pytorch`` (torchrun) each rank takes its share of the
+directly at those batch sizes (2 x ``--repeats`` half-batches of fresh images each, at the same weights, 1 - cos
+averaged over all pairs of halves; one extra gradient of memory) and reports the prediction's error. Under ``--launcher pytorch`` (torchrun) each rank takes its share of the
 images and the sums are all-reduced; on a GPU the model and images are on the rank's device.
 Errors are one line (``agvm.cli.run``; ``--debug`` for the traceback). Writes ``DIR/diagnosis.json`` and ``DIR/diagnosis.png`` (Phi_i(b) per module, the paper's batches marked).
 The config's ``paramwise_cfg`` (``modules``, ``frozen_modules``) forms the modules as in training.
@@ -108,45 +108,45 @@ def _rank_world():
     return get_rank(), get_world_size()
 
 
-def validate(model, dataset, collate, indices: Sequence[int], batches: Sequence[int], repeats: int, modules=None
-             ) -> Dict[int, Dict[str, float]]:
-    """Phi measured directly at each batch b: mean over ``repeats`` of 1 - cos of two half-batches of b / 2
-    images each, fresh ones from ``indices``. Under DDP each rank measures its share of the repeats."""
+def validate(model, dataset, collate, indices: Sequence[int], batches: Sequence[int], repeats: int, modules=None,
+             seed: int = 0) -> Dict[int, Dict[str, dict]]:
+    """Phi measured directly at each batch b from 2 x ``repeats`` half-batches of b / 2 fresh images (from
+    ``indices``): the mean of 1 - cos over all pairs of halves with its error bound (``agvm.diagnose.HalfPairs``).
+    Under DDP each rank measures its share of the pairs; every half is seeded, so any number of ranks agrees."""
+    from mmengine.runner import set_random_seed
+
+    from agvm.diagnose import HalfPairs
+
     rank, world = _rank_world()
-    names = module_params(model, modules)[0]
-    device = next(model.parameters()).device
-    out: Dict[int, Dict[str, float]] = {}
+    out: Dict[int, Dict[str, dict]] = {}
     it = iter(indices)
     for b in batches:
-        sums = torch.zeros(len(names), 2, dtype=torch.float64, device=device)  # (sum of Phi, count) per module
+        pairs = HalfPairs(model, modules)
         for r in range(repeats):
-            take = [next(it) for _ in range(2 * (b // 2))]  # every rank draws the same, keeps its repeats
+            take = [next(it) for _ in range(2 * (b // 2))]  # every rank draws the same, keeps its pairs
             if r % world != rank:
                 continue
-            half_a = collate([dataset[i] for i in take[:b // 2]])
-            half_b = collate([dataset[i] for i in take[b // 2:]])
-            phi = measure_phi(model, lambda: _loss(model, half_a), lambda: _loss(model, half_b), modules)
-            sums += torch.tensor([[phi[m], 1.0] if math.isfinite(phi[m]) else [0.0, 0.0] for m in names],
-                                 dtype=torch.float64, device=device)
-        if world > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(sums)
-        out[b] = {m: s / c for m, (s, c) in zip(names, sums.tolist()) if c > 0}
-        _say(f"measured Phi at batch {b} ({repeats} pairs of halves): " +
-             ", ".join(f"{m} {v:.3g}" for m, v in out[b].items()))
+            for h, half in enumerate((take[:b // 2], take[b // 2:])):
+                set_random_seed(seed * 1_000_003 + 500_000 + 1_000 * b + 2 * r + h)
+                model.zero_grad(set_to_none=True)
+                _loss(model, collate([dataset[i] for i in half])).backward()
+                pairs.add()
+        model.zero_grad(set_to_none=True)
+        out[b] = pairs.result(reduce=world > 1)
+        _say(f"measured Phi at batch {b} (all {repeats * (2 * repeats - 1)} pairs of {2 * repeats} halves): " +
+             ", ".join(f"{m} {v['phi']:.3g} +- {v['se'] or 0:.2g}" for m, v in out[b].items()))
     return out
 
 
-def prediction_errors(d: Diagnosis, measured: Dict[int, Dict[str, float]]) -> List[dict]:
-    """|predicted - measured| / measured per (batch, module)."""
+def prediction_errors(d: Diagnosis, measured: Dict[int, Dict[str, dict]]) -> List[dict]:
+    """|predicted - measured| / measured per (batch, module), with the measurement's error bound."""
     rows = []
     for b, phis in measured.items():
         pred = d.phi(b)
         for m, v in phis.items():
-            if m in pred and v > 0:
-                rows.append({"batch": b, "module": m, "measured": v, "predicted": pred[m],
-                             "rel_error": abs(pred[m] - v) / v})
+            if m in pred and v["phi"] > 0:
+                rows.append({"batch": b, "module": m, "measured": v["phi"], "measured_se": v["se"],
+                             "pairs": v["pairs"], "predicted": pred[m], "rel_error": abs(pred[m] - v["phi"]) / v["phi"]})
     return rows
 
 
@@ -192,14 +192,14 @@ def run(config: str, images: int, checkpoint: Optional[str] = None, out: Optiona
         return _loss(model, collate([dataset[i]]))
 
     d = diagnose(model, image_loss, mine, modules=modules, anchor=anchor, total=len(mine), progress=_say)
-    measured = validate(model, dataset, collate, order[images:], validate_batches, repeats, modules) \
+    measured = validate(model, dataset, collate, order[images:], validate_batches, repeats, modules, seed) \
         if validate_batches else {}
     errors = prediction_errors(d, measured)
     result = {
         "config": config, "checkpoint": checkpoint, "cfg_options": {k: repr(v) for k, v in (cfg_options or {}).items()},
         "world_size": world, "device": str(next(model.parameters()).device), "seed": seed,
         **d.to_dict(batches=batches),
-        "validation": {"repeats": repeats, "rows": errors,
+        "validation": {"repeats": repeats, "halves": 2 * repeats, "pairs": repeats * (2 * repeats - 1), "rows": errors,
                        "median_rel_error": statistics.median(r["rel_error"] for r in errors) if errors else None},
         "seconds": time.time() - t0,
     }
@@ -214,11 +214,11 @@ def run(config: str, images: int, checkpoint: Optional[str] = None, out: Optiona
     return result
 
 
-def measured_by_module(measured: Dict[int, Dict[str, float]]) -> Dict[str, Dict[int, float]]:
+def measured_by_module(measured: Dict[int, Dict[str, dict]]) -> Dict[str, Dict[int, float]]:
     out: Dict[str, Dict[int, float]] = {}
     for b, phis in measured.items():
         for m, v in phis.items():
-            out.setdefault(m, {})[b] = v
+            out.setdefault(m, {})[b] = v["phi"]
     return out
 
 
@@ -236,8 +236,10 @@ def summary(d: Diagnosis, result: dict, batches: Sequence[int]) -> str:
     lines.append(f"largest Phi ratio to the {d.anchor} reaches 2x at {fmt(cross['2x'])}, 4x at {fmt(cross['4x'])}")
     med = result["validation"]["median_rel_error"]
     if med is not None:
-        lines.append(f"prediction vs measured Phi at {sorted({r['batch'] for r in result['validation']['rows']})}: "
-                     f"median relative error {100 * med:.0f} %")
+        rows = result["validation"]["rows"]
+        above = sum(r["predicted"] > r["measured"] for r in rows)
+        lines.append(f"prediction vs measured Phi at {sorted({r['batch'] for r in rows})}: median relative error "
+                     f"{100 * med:.0f} % ({above} of {len(rows)} predictions above the measurement)")
     return "\n".join(lines)
 
 
@@ -249,7 +251,8 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", help="weights to diagnose (default: the config's initialisation)")
     p.add_argument("--images", type=int, required=True, help="per-image gradients to take (e.g. 32-128)")
     p.add_argument("--validate", default="", help="batch sizes at which to measure Phi directly, e.g. 8,32")
-    p.add_argument("--repeats", type=int, default=4, help="pairs of half-batches per validation batch size")
+    p.add_argument("--repeats", type=int, default=4,
+                   help="per validation batch size: 2 x REPEATS half-batches, 1 - cos averaged over all their pairs")
     p.add_argument("--out", help="output folder (default work_dirs/diagnose/<config name>)")
     p.add_argument("--anchor", default="backbone")
     p.add_argument("--seed", type=int, default=0, help="which training images (a seeded random subset)")

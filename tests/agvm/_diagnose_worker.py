@@ -53,3 +53,18 @@ def diagnose_worker(rank: int, world: int, cfg: Dict[str, Any]) -> Dict[str, Any
     d = agvm.diagnose.diagnose(model, lambda i: loss(model, x[i:i + 1], y[i:i + 1]), mine, modules=MODULES,
                                progress=None)
     return {"signal": d.signal, "noise": d.noise, "num_images": d.num_images}
+
+
+def pairs_worker(rank: int, world: int, cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """Each rank adds its share of the pairs of halves (pair k on rank k % world); the results are all-reduced."""
+    model = make_net()
+    x, y = data(cfg["halves"] * cfg["half"], torch.Generator().manual_seed(cfg["seed"]))
+    pairs = agvm.diagnose.HalfPairs(model, MODULES)
+    for k in range(cfg["halves"]):
+        if (k // 2) % world != rank:
+            continue
+        model.zero_grad(set_to_none=True)
+        h = slice(k * cfg["half"], (k + 1) * cfg["half"])
+        loss(model, x[h], y[h]).backward()
+        pairs.add()
+    return pairs.result()

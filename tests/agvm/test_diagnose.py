@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import _diagnose_worker as W  # noqa: E402
 
 import agvm  # noqa: E402
-from agvm.diagnose import Diagnosis, GradientSums, diagnose, measure_phi  # noqa: E402
+from agvm.diagnose import Diagnosis, GradientSums, HalfPairs, diagnose, measure_phi, measure_phi_pairs  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -80,6 +80,48 @@ def test_measure_phi_is_what_the_optimizer_measures():
     direct = measure_phi(model, lambda: W.loss(model, x[:8], y[:8]), lambda: W.loss(model, x[8:], y[8:]), W.MODULES)
     for m in W.MODULES:
         assert direct[m] == pytest.approx(opt.variance[m], rel=1e-5)
+
+
+def test_half_pairs_average_every_pair_of_halves():
+    """K = 8 halves: the all-pairs mean of 1 - cos from the running sum equals the brute-force mean over the 28 pairs;
+    the error bound is the sd of the 4 disjoint pairs' Phi over sqrt(4); one stored gradient beyond the sum."""
+    model = W.make_net()
+    x, y = W.data(8 * 6, torch.Generator().manual_seed(11))
+    losses = [lambda k=k: W.loss(model, x[6 * k:6 * k + 6], y[6 * k:6 * k + 6]) for k in range(8)]
+    got = measure_phi_pairs(model, losses, W.MODULES)
+    grads = []
+    for loss in losses:
+        model.zero_grad(set_to_none=True)
+        loss().backward()
+        grads.append({m: torch.cat([p.grad.reshape(-1) for p in getattr(model, m).parameters()]).double()
+                      for m in W.MODULES})
+    for m in W.MODULES:
+        cos = [float(torch.nn.functional.cosine_similarity(grads[i][m], grads[j][m], dim=0))
+               for i in range(8) for j in range(i + 1, 8)]
+        assert len(cos) == 28 and got[m]["pairs"] == 28 and got[m]["halves"] == 8
+        assert got[m]["phi"] == pytest.approx(1 - statistics.fmean(cos), rel=1e-5)
+        disjoint = [1 - float(torch.nn.functional.cosine_similarity(grads[i][m], grads[i + 1][m], dim=0))
+                    for i in range(0, 8, 2)]
+        assert got[m]["se"] == pytest.approx(statistics.stdev(disjoint) / 2, rel=1e-4)
+        # the first disjoint pair is what measure_phi (and the optimizer) measure for those two halves
+        assert disjoint[0] == pytest.approx(measure_phi(model, losses[0], losses[1], W.MODULES)[m], rel=1e-5)
+
+
+def test_half_pairs_errors_and_silent_modules():
+    model = W.make_net()
+    x, y = W.data(4, torch.Generator().manual_seed(1))
+    pairs = HalfPairs(model, W.MODULES)
+    W.loss(model, x[:2], y[:2]).backward()
+    pairs.add()
+    with pytest.raises(ValueError, match="odd number of halves"):
+        pairs.result()
+    model.zero_grad(set_to_none=True)
+    W.loss(model, x[2:], y[2:]).backward()
+    model.neck.weight.grad = None
+    model.neck.bias.grad = None  # the neck got no gradient from this half: no cosine, left out
+    pairs.add()
+    res = pairs.result()
+    assert set(res) == {"backbone", "head"} and res["head"]["se"] is None and 0 <= res["head"]["phi"] <= 2
 
 
 def _made(noise, signal=(1.0, 1.0, 1.0)):
@@ -193,3 +235,18 @@ def test_ddp_two_ranks_equal_one_process():
         for m in W.MODULES:
             assert r["signal"][m] == pytest.approx(ref.signal[m], rel=1e-4)
             assert r["noise"][m] == pytest.approx(ref.noise[m], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_half_pairs_ddp_two_ranks_equal_one_process():
+    """12 halves, pair k on rank k % 2: the all-reduced result is the one-process one."""
+    import _dist_utils as U
+
+    cfg = {"halves": 12, "half": 4, "seed": 5}
+    results = U.spawn(W.pairs_worker, 2, cfg)
+    assert not any("error" in r for r in results), results
+    ref = W.pairs_worker(0, 1, cfg)
+    for r in results:
+        for m in W.MODULES:
+            assert r[m]["halves"] == 12 and r[m]["phi"] == pytest.approx(ref[m]["phi"], rel=1e-5)
+            assert r[m]["se"] == pytest.approx(ref[m]["se"], rel=1e-4)

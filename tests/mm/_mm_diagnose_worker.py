@@ -15,6 +15,8 @@ def run(rank: int, world: int, port: int, config: str, options: dict, checkpoint
     torch.set_num_threads(1)
     from agvm.mm.diagnose import run as diagnose
 
-    res = diagnose(config, 4, checkpoint, out=out, cfg_options=options, seed=1, launcher="pytorch")
+    res = diagnose(config, 4, checkpoint, out=out, cfg_options=options, validate_batches=(2,), repeats=2, seed=1,
+                   launcher="pytorch")
     with open(osp.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump({m: [v["signal"], v["noise"]] for m, v in res["modules"].items()}, f)
+        json.dump({"sums": {m: [v["signal"], v["noise"]] for m, v in res["modules"].items()},
+                   "validation": res["validation"]["rows"]}, f)

@@ -99,6 +99,7 @@ def test_cli_with_validation(synthetic_root, tmp_path, capsys):
     res = json.loads((tmp_path / "diagnosis.json").read_text())
     rows = res["validation"]["rows"]
     assert {r["batch"] for r in rows} == {2, 4} and all(0 <= r["measured"] <= 2 for r in rows)
+    assert all(r["pairs"] == 6 and r["measured_se"] >= 0 for r in rows)  # 4 halves per batch, all 6 pairs
     assert res["validation"]["median_rel_error"] is not None
     out = capsys.readouterr().out
     assert "diagnose: 4/4 images" in out and "median relative error" in out and "reaches 2x" in out
@@ -115,7 +116,8 @@ def test_errors(synthetic_root, tmp_path):
 
 @pytest.mark.slow
 def test_ddp_two_ranks_equal_one_process(synthetic_root, tmp_path):
-    """2 gloo ranks, 2 images each, sums all-reduced: the one-process diagnosis of the same 4 images."""
+    """2 gloo ranks, 2 images each, sums all-reduced: the one-process diagnosis of the same 4 images; the validation's
+    2 pairs of halves (one per rank, each half seeded) give the one-process all-pairs Phi."""
     import torch.multiprocessing as mp
 
     import _mm_diagnose_worker
@@ -128,10 +130,16 @@ def test_ddp_two_ranks_equal_one_process(synthetic_root, tmp_path):
         port = s.getsockname()[1]
     mp.start_processes(_mm_diagnose_worker.run, args=(2, port, FASTER, _options(synthetic_root), ckpt, str(tmp_path)),
                        nprocs=2, start_method="spawn")
-    ref = run(FASTER, 4, ckpt, out=str(tmp_path / "one"), cfg_options=_options(synthetic_root), seed=1)
+    ref = run(FASTER, 4, ckpt, out=str(tmp_path / "one"), cfg_options=_options(synthetic_root),
+              validate_batches=(2,), repeats=2, seed=1)
+    one = {r["module"]: r for r in ref["validation"]["rows"]}
+    assert len(one) == 4 and all(r["pairs"] == 6 for r in one.values())
     for rank in range(2):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        for m, (signal, noise) in got.items():
+        for r in got["validation"]:
+            assert r["measured"] == pytest.approx(one[r["module"]]["measured"], rel=1e-4)
+            assert r["measured_se"] == pytest.approx(one[r["module"]]["measured_se"], rel=1e-3)
+        for m, (signal, noise) in got["sums"].items():
             assert signal == pytest.approx(ref["modules"][m]["signal"], rel=1e-4, abs=1e-9)
             assert noise == pytest.approx(ref["modules"][m]["noise"], rel=1e-4)
     assert np.isfinite([ref["modules"][m]["noise"] for m in ref["modules"]]).all()

@@ -26,7 +26,8 @@ def test_demo_smallest(tmp_path, capsys, monkeypatch):
     try:
         rc = demo.main(["--out", str(out), "--work-dir", str(work), "--num-val", "4", "--images", "8",
                         "--small-batch", "2", "--large-batch", "4", "--seeds", "1", "--diag-images", "3",
-                        "--checkpoints", "2", "--validate", "2,4", "--repeats", "1", "--jobs", "1"])
+                        "--validate-images", "4", "--checkpoints", "2", "--validate", "2,4", "--repeats", "2",
+                        "--jobs", "1"])
     finally:
         torch.set_num_threads(threads)  # the demo's worker sets one thread
     assert rc == 0
@@ -44,6 +45,9 @@ def test_demo_smallest(tmp_path, capsys, monkeypatch):
         assert v["nsr"] is None or v["nsr"] >= 0
         assert 0 <= v["phi_predicted"]["4"] <= 1 and set(v["phi_measured_direct"]) == {"2", "4"}
     rows = s["prediction"]["direct"]["rows"]
+    assert all(r["pairs"] == 6 and r["measured_se"] >= 0 for r in rows)  # all pairs of 4 halves per batch
+    ran = {p.parent.name: json.loads(p.read_text())["num_images"] for p in (work / "diagnosis").glob("*/diagnosis.json")}
+    assert ran["sgd_large_seed0_iter2"] == 4 and ran["sgd_large_seed0_iter1"] == 3  # --validate-images, --diag-images
     assert len(rows) == 8 and s["prediction"]["direct"]["median_rel_error"] == pytest.approx(
         statistics.median(r["rel_error"] for r in rows))
     assert s["prediction"]["training"]["rows"], "no prediction compared with the Phi logged in training"
@@ -51,6 +55,7 @@ def test_demo_smallest(tmp_path, capsys, monkeypatch):
     assert "bbox_head" not in s["ablations_nsr"]["no FPN, 10 RoIs, frozen head"]  # frozen: no gradient, no NSR
     assert s["wall_seconds"] > 0 and "load" in s["load"]
     assert math.isfinite(s["verdict"]["head_nsr_needed_for_4x_at_512"])
+    assert set(s["verdict"]["misaligned_at_batch_per_module"]) == {"neck", "rpn_head", "bbox_head"}
     report = (out / "report.md").read_text()
     assert "| agvm_large | 4 | AGVM-SGD |" in report and "Median relative error of the prediction" in report
     assert "## Verdict" in report and "no FPN, 10 RoIs, frozen head" in report
