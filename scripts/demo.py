@@ -21,6 +21,7 @@ Writes ``results/demo/summary.json``, ``report.md`` and figures; runs in ``work_
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import multiprocessing as mp
@@ -41,8 +42,11 @@ LARGE_CFG = "configs/faster_rcnn/faster_rcnn_r50_bs512_agvm_sgd.py"
 DIAG_STREAM_SEED = 999  # the diagnosis' images: a stream no training run reads (runs read 1000 + seed)
 
 
+_CONSOLE = None  # where say() prints while a training task sends its own output to the run's console.log
+
+
 def say(msg: str) -> None:
-    print(f"[demo {time.time() - T_START:6.0f}s] {msg}", flush=True)
+    print(f"[demo {time.time() - T_START:6.0f}s] {msg}", file=_CONSOLE or sys.stdout, flush=True)
 
 
 def tiny_model_options(rois: int = 64, proposals: int = 100) -> dict:
@@ -145,7 +149,14 @@ def _task(kind: str, kw: dict) -> dict:
     if kind == "train":
         from agvm.mm.train import train
 
-        out = {"metrics": train(kw["config"], kw["work_dir"], kw["options"], resume=False)}
+        global _CONSOLE
+        os.makedirs(kw["work_dir"], exist_ok=True)
+        _CONSOLE = sys.stdout  # the progress lines stay on the console; pycocotools' tables go to console.log
+        try:
+            with open(os.path.join(kw["work_dir"], "console.log"), "w") as log, contextlib.redirect_stdout(log):
+                out = {"metrics": train(kw["config"], kw["work_dir"], kw["options"], resume=False)}
+        finally:
+            _CONSOLE = None
     else:
         from agvm.mm.diagnose import run
 

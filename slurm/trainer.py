@@ -228,6 +228,11 @@ class Trainer:
             fn = resolve_entry_point(s.entry_point)
             result = fn(s.config, str(work_dir), cfg_options=opts, resume=s.resume,
                         launcher="pytorch" if info.world_size > 1 else "none")
+            if info.backend is not None:
+                import torch.distributed as dist
+
+                if dist.is_initialized():
+                    dist.barrier()  # every rank done before any tears the process group down (gloo aborts else)
             if info.rank == 0 and not (work_dir / METRICS_FILE).is_file():
                 raise RuntimeError(f"entry point {s.entry_point} returned without writing {work_dir / METRICS_FILE}")
             if info.rank == 0:

@@ -94,6 +94,7 @@ def _entry(rank: int, world: int, fn: Callable, cfg: Dict[str, Any], tmp: str) -
                             timeout=datetime.timedelta(seconds=300))  # a broken run fails instead of hanging
     try:
         out = fn(rank, world, cfg)
+        dist.barrier()  # every rank done before any tears gloo down (a rank can abort otherwise)
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         out = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
     finally:

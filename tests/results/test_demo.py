@@ -63,3 +63,5 @@ def test_demo_smallest(tmp_path, capsys, monkeypatch):
         assert (out / fig).stat().st_size > 10_000 and f"]({fig})" in report
     printed = capsys.readouterr().out
     assert f"Report:  {out / 'report.md'}" in printed and "iter" in printed and "diagnose:" in printed
+    assert "Average Precision" not in printed  # pycocotools' tables go to each run's console.log
+    assert "Average Precision" in (work / "sgd_small_seed0" / "console.log").read_text()
