@@ -536,8 +536,8 @@ def write_report(out: Path, s: dict, figs: List[str]) -> None:
     cross = v["misaligned_at_batch"]
     def fmt(b):
         if b is None:
-            return "never (at any batch)"
-        return f"every batch size (b = {b:.2g})" if b < 2 else f"batch {b:.0f}"
+            return "never"
+        return f"at every batch size (from b = {b:.2g})" if b < 2 else f"from batch {b:.0f}"
 
     per = v.get("misaligned_at_batch_per_module", {})
     lines += ["", "## Verdict (numbers from the diagnosis at the end of sgd_large_seed0)", "",
@@ -546,9 +546,9 @@ def write_report(out: Path, s: dict, figs: List[str]) -> None:
                   for b, rs in v["ratio_at"].items()) + ".",
               f"- Limits at large batch (NSR_backbone / NSR_module): " + ", ".join(
                   f"{lab(m)} {g3(r)}" for m, r in v["limit_ratio"].items() if m != v["anchor"]) + ".",
-              f"- This model's modules would be 2x apart from {fmt(cross['2x'])} and 4x apart from {fmt(cross['4x'])}"
-              + (": " + "; ".join(f"{lab(m)} 2x from {fmt(c['2x'])}, 4x from {fmt(c['4x'])}" for m, c in per.items())
-                 if per else "") + ".",
+              f"- The largest ratio between the anchor and a module reaches 2x {fmt(cross['2x'])} and 4x "
+              f"{fmt(cross['4x'])}" + (" (" + "; ".join(f"{lab(m)}: 2x {fmt(c['2x'])}, 4x {fmt(c['4x'])}"
+                                                       for m, c in per.items()) + ")" if per else "") + ".",
               f"- The paper's Fig. 1 (detection head >= 4x below the backbone at 512) would need the head's NSR at or "
               f"below {v['head_nsr_needed_for_4x_at_512']:.3g} with this backbone; it is {g3(v['head_nsr'])}.",
               "", "## Figures", ""] + [f"![{f}]({f})" for f in figs] + [

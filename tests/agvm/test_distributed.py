@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-import statistics
 import sys
 
 import pytest
@@ -308,7 +307,9 @@ def _check_traffic(results, world: int) -> None:
             # a plain step: DDP's ring all-reduce, 2 (W - 1) / W of the gradient bytes plus gloo's headers
             ideal = 2 * (world - 1) / world * 4 * run["numel"]
             assert all(0.995 * ideal <= b <= 1.05 * ideal for b in plain), (plain, ideal)
-            ratio = max(meas) / statistics.median(plain)
+            # tcpi_bytes_sent also counts retransmitted bytes (seen under load: one measurement step 1.2 % above
+            # the others): noise that only adds, so the steps' minima compare the algorithm's traffic
+            ratio = min(meas) / min(plain)
             if mode == "ring" or h == 1:
                 # plus (H-1) * M * 3 float64 of statistics and < H padding elements per bucket; gloo's
                 # headers make a measurement step (fewer, larger messages) slightly cheaper here
