@@ -265,6 +265,13 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     a = ap.parse_args(argv)
     validate = [int(v) for v in a.validate.split(",") if v.strip()]
+    if any(b < 2 or b % 2 for b in validate):  # checked before training, not after
+        ap.error(f"--validate takes even batch sizes >= 2 (two halves of b / 2 images each), got {a.validate}")
+    if min(a.small_batch, a.large_batch) < 2 or a.images < a.large_batch:
+        ap.error(f"each run needs at least one step: --images ({a.images}) >= --large-batch ({a.large_batch}), and "
+                 f"batches >= 2 (got {a.small_batch}, {a.large_batch})")
+    if min(a.diag_images, a.validate_images) < 2 or min(a.seeds, a.repeats, a.jobs, a.threads, a.tau) < 1:
+        ap.error("--diag-images and --validate-images must be >= 2; --seeds, --repeats, --jobs, --threads, --tau >= 1")
     out, work = Path(a.out), Path(a.work_dir)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)

@@ -164,8 +164,9 @@ def run(config: str, images: int, checkpoint: Optional[str] = None, out: Optiona
     t0 = time.time()
     if images < 2:
         raise ValueError(f"--images must be >= 2 (the NSR needs two or more per-image gradients), got {images}")
-    if any(b < 2 for b in validate_batches) or repeats < 1:
-        raise ValueError(f"--validate batches must be >= 2 and --repeats >= 1, got {list(validate_batches)}, {repeats}")
+    if any(b < 2 or b % 2 for b in validate_batches) or repeats < 1:
+        raise ValueError(f"--validate takes even batch sizes >= 2 (two halves of b / 2 images each) and --repeats "
+                         f">= 1; got {list(validate_batches)} and {repeats}")
     import torch.distributed as dist
 
     if launcher != "none" and not dist.is_initialized():

@@ -112,6 +112,8 @@ def test_errors(synthetic_root, tmp_path):
         run(FASTER, 1, out=str(tmp_path), cfg_options=_options(synthetic_root))
     with pytest.raises(ValueError, match="needs 70 distinct training images"):
         run(FASTER, 70, out=str(tmp_path), cfg_options=_options(synthetic_root))
+    with pytest.raises(ValueError, match=r"--validate takes even batch sizes >= 2 .* got \[4, 3\]"):
+        run(FASTER, 4, out=str(tmp_path), cfg_options=_options(synthetic_root), validate_batches=(4, 3))
 
 
 @pytest.mark.slow

@@ -12,13 +12,31 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.mm
-@pytest.mark.slow
-def test_demo_smallest(tmp_path, capsys, monkeypatch):
+def _load_demo(monkeypatch):
     spec = importlib.util.spec_from_file_location("agvm_demo", REPO / "scripts" / "demo.py")
     demo = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "agvm_demo", demo)
     spec.loader.exec_module(demo)
+    return demo
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--validate", "4,5"], "--validate takes even batch sizes >= 2"),
+    (["--images", "16"], "--images (16) >= --large-batch (32)"),
+    (["--diag-images", "1"], "--diag-images and --validate-images must be >= 2"),
+])
+def test_demo_refuses_bad_sizes_before_training(tmp_path, capsys, monkeypatch, args, message):
+    demo = _load_demo(monkeypatch)
+    with pytest.raises(SystemExit) as exit_:
+        demo.main(["--out", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work"), *args])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()  # nothing started
+
+
+@pytest.mark.mm
+@pytest.mark.slow
+def test_demo_smallest(tmp_path, capsys, monkeypatch):
+    demo = _load_demo(monkeypatch)
     import torch
 
     out, work = tmp_path / "out", tmp_path / "work"
