@@ -344,31 +344,28 @@ class HalfPairs:
     """
 
     def __init__(self, model: torch.nn.Module, modules=None):
-        self.modules, self.params, owners = module_params(model, modules)
-        self.owner_list = owners
-        self.owners = torch.tensor(owners, dtype=torch.long, device=self.params[0].device)
+        self.modules, self.params, self.owner_list = module_params(model, modules)
         self.unit_sum = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
         self.halves = 0
         self.first: Optional[List[Optional[torch.Tensor]]] = None
-        self.pair_phi: List[List[float]] = []  # Phi per module of each disjoint pair (NaN: a half had no gradient)
+        self.pair_phi: List[List[float]] = []  # Phi per module of each disjoint pair
         self.silent = [False] * len(self.modules)  # a module with a zero gradient in some half: no cosine
 
     @torch.no_grad()
     def add(self) -> None:
         """Add the gradient now in ``p.grad`` (the mean loss of one half-batch) as the next half."""
         grads = [None if p.grad is None else p.grad.detach().float() for p in self.params]
-        present = [k for k, g in enumerate(grads) if g is not None]
-        sq = torch.zeros(len(self.params), dtype=torch.float64, device=self.owners.device)
-        if present:
-            sq[present] = torch.stack(torch._foreach_norm([grads[k] for k in present])).to(torch.float64).square()
-        norms = torch.zeros(len(self.modules), dtype=torch.float64, device=sq.device).index_add_(0, self.owners, sq)
-        norms = norms.sqrt().tolist()
-        for k in present:
+        norms = module_stats(grads, grads, self.owner_list, len(self.modules))[:, 1].sqrt().tolist()
+        bad = [m for m, n in zip(self.modules, norms) if not math.isfinite(n)]
+        if bad:
+            raise FloatingPointError(f"a half-batch gradient of module(s) {bad} is not finite; check the loss and "
+                                     "the weights")
+        for k, g in enumerate(grads):
             n = norms[self.owner_list[k]]
-            if n > 0 and math.isfinite(n):
-                self.unit_sum[k].add_(grads[k], alpha=1.0 / n)
+            if g is not None and n > 0:
+                self.unit_sum[k].add_(g, alpha=1.0 / n)
         for i, n in enumerate(norms):
-            if not (n > 0 and math.isfinite(n)):
+            if n == 0:
                 self.silent[i] = True
         if self.first is None:
             self.first = [None if g is None else g.clone() for g in grads]
@@ -402,6 +399,9 @@ class HalfPairs:
         if halves < 2:
             raise ValueError(f"Phi needs at least 2 halves (one pair), got {halves}")
         total = module_stats(unit_sum, unit_sum, self.owner_list, len(self.modules))[:, 0].tolist()  # |U|^2
+        if any(silent):
+            logger.warning("HalfPairs: module(s) %s got no gradient in some half: left out",
+                           [m for m, q in zip(self.modules, silent) if q])
         out = {}
         for i, m in enumerate(self.modules):
             if silent[i]:

@@ -437,8 +437,8 @@ def write_outputs(a, out: Path, runs: List[dict], diagnosed: List[dict], validat
                   "ap50": 100 * r["metrics"].get("coco/bbox_mAP_50", float("nan")), "seconds": r["seconds"]}
                  for r in runs],
         "table": table, "modules": per_module,
-        "prediction": {"direct": {"batches": validate, "repeats": a.repeats, "halves": 2 * a.repeats,
-                                  "pairs": a.repeats * (2 * a.repeats - 1), "rows": direct["rows"],
+        "prediction": {"direct": {"batches": validate, "repeats": a.repeats, "halves": direct["halves"],
+                                  "pairs": direct["pairs"], "rows": direct["rows"],
                                   "median_rel_error": direct["median_rel_error"]},
                        "training": {"rows": train_rows, "median_rel_error":
                                     statistics.median(r["rel_error"] for r in train_rows) if train_rows else None}},

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import math
 import os
 import os.path as osp
 import statistics
@@ -32,7 +31,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 import agvm
-from agvm.diagnose import PAPER_BATCHES, Diagnosis, diagnose, measure_phi, module_params
+from agvm.diagnose import PAPER_BATCHES, Diagnosis, diagnose
 
 __all__ = ["run", "build", "main"]
 

@@ -122,6 +122,10 @@ def test_half_pairs_errors_and_silent_modules():
     pairs.add()
     res = pairs.result()
     assert set(res) == {"backbone", "head"} and res["head"]["se"] is None and 0 <= res["head"]["phi"] <= 2
+    W.loss(model, x[:2], y[:2]).backward()
+    model.head.bias.grad[0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"module\(s\) \['head'\] is not finite"):
+        pairs.add()
 
 
 def _made(noise, signal=(1.0, 1.0, 1.0)):
